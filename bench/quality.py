@@ -237,6 +237,8 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
         "tokens_per_s": (t.max_steps - timed_from) * tokens_per_step / train_s,
         "train_loss_first": losses[0].item(),
         "train_loss_last": losses[-tail:].mean().item(),
+        "nonfinite_steps": int((~torch.isfinite(losses)).sum()),
+        "loss_curve": [round(x, 4) for x in losses.tolist()],
         "b_zero_fraction": b_zero_fraction(model),
         "resample_every": resample,
     }
@@ -689,6 +691,8 @@ def main(argv=None) -> int:
         eta = left * statistics.fmean(walls) / 60
         val = f"val {r['val']:.3f} " if "val" in r else ""
         speed = f", {r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else ""
+        if r.get("nonfinite_steps"):
+            speed += f", NON-FINITE loss at {r['nonfinite_steps']} steps"
         print(f"[quality] {r['task']} {r['variant']} seed={r['seed']} lr={r['lr']}: {val}test {r['test']:.3f} "
               f"({r['wall_s']:.1f} s{speed}); {left} runs left, ~{eta:.1f} min to go", flush=True)
 

@@ -257,3 +257,20 @@ def test_no_matching_target_is_an_error(base):
         fresh(base, target_modules=["q_proj", "qkv_proj"])
     with pytest.raises(ConfigError, match="not a linear layer"):
         fresh(base, target_modules=["mlp"])
+
+
+def test_sparse_matrix_gradient_matches_masked_scatter():
+    """The sync-free backward gives exactly autograd's masked_scatter gradient, for every trainable share."""
+    from lorasp_dist.lorasp.layer import SparseMatrix
+
+    gen = torch.Generator().manual_seed(0)
+    for ratio in (0.0, 0.3, 0.5, 1.0):
+        mask = torch.rand(6, 5, generator=gen) < ratio
+        m = SparseMatrix(torch.randn(6, 5, generator=gen), mask)
+        upstream = torch.randn(6, 5, generator=gen)
+        (m.dense() * upstream).sum().backward()
+        ref = m.train_values.detach().clone().requires_grad_(True)
+        base = torch.zeros(6, 5).masked_scatter(~mask, m.frozen_values)
+        (base.masked_scatter(mask, ref) * upstream).sum().backward()
+        assert torch.equal(m.dense().detach(), base.masked_scatter(mask, ref).detach())
+        assert torch.equal(m.train_values.grad, ref.grad)
