@@ -139,9 +139,9 @@ def run_config(a, base: Path, task: dict, lr: float):
 # ------------------------------------------------------------------------------------------------------ one run
 
 
-def autocast(device):
-    # bf16 autocast over fp32 weights on CUDA (full fine-tuning needs fp32 master weights); plain fp32 on the CPU.
-    if device.type == "cuda":
+def autocast(precision: str):
+    # bf16 autocast over fp32 weights (full fine-tuning needs fp32 master weights), or plain fp32.
+    if precision == "bf16-autocast":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -149,7 +149,7 @@ def autocast(device):
 def score(model, tok, records: list[dict], metric: str, a, device) -> float:
     from lorasp_dist.evaluate import evaluate
 
-    with autocast(device):
+    with autocast(a.precision):
         return evaluate(model, tok, records[: a.max_eval], metric, batch_size=a.eval_batch_size,
                         max_new_tokens=a.max_new_tokens)["value"]
 
@@ -211,7 +211,7 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
         # The run's seed orders the rows: every variant of a (task, seed) reads the same batches.
         idx = micro_batch_indices(len(rows), seed, step * t.micro_batch_size, t.micro_batch_size, 0, 1, 1)[0]
         batch = {k: v.to(device, non_blocking=True) for k, v in rows[idx].items()}
-        with autocast(device):
+        with autocast(a.precision):
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -620,6 +620,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16-autocast", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--out", help=f"results folder (default {RESULTS / 'quality'}; with --smoke: WORK/smoke)")
     p.add_argument("--resume", action="store_true", help="skip the runs runs.jsonl already holds")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; start no run that would end after it")
@@ -655,7 +657,11 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           a.device if a.device != "auto" else "cpu")
-    settings = settings_of(a, base, "bf16-autocast" if device.type == "cuda" else "fp32")
+    if a.precision == "auto":
+        a.precision = "bf16-autocast" if device.type == "cuda" else "fp32"
+    if a.precision == "bf16-autocast" and device.type != "cuda":
+        raise SystemExit("--precision bf16-autocast: needs a CUDA device; use fp32 on the CPU")
+    settings = settings_of(a, base, a.precision)
     key = settings_key(settings)
     runs_path = out / "runs.jsonl"
     done = read_runs(runs_path, key)
