@@ -91,7 +91,7 @@ def test_tiny_cpu_plan_by_hand():
     assert plan.counts["trainable_params"] == 69_632
     assert host["lorasp_params"] == (69_632 + 34_816) * 2
     assert host["lorasp_frozen"] == 69_632 * 2  # the other half, bf16 buffers on every rank
-    assert host["lorasp_masks"] == 139_264  # 1 B per entry of A and B
+    assert host["lorasp_masks"] == 4 * 139_264  # the int32 slot map: 4 B per entry of A and B
     assert host["optimizer_states"] == 12 * 34_816  # fp32 master + m + v of this rank's half
     # bf16 grad partition + the reduce bucket (only the 69,632 elements gradients fill are resident on CPU) + fp32 grad
     assert host["gradients"] == 2 * 34_816 + 2 * 69_632 + 4 * 34_816
@@ -111,8 +111,8 @@ def test_tiny_cpu_plan_by_hand():
     assert host["runtime_overhead"] == CPU_RUNTIME_BYTES
     assert host["allocator_retention"] == int(2.35 * 12 * 1024 * 256)
     runtime = host["library_imports"] + CPU_RUNTIME_BYTES + host["allocator_retention"]
-    # 491,520 + 40,976 + 265,600 + 208,896 + 139,264 + 139,264 + 348,160 + 417,792 + 262,144 + 394,240 + 3,145,728
-    assert plan.host_total == PROCESS_BASE_BYTES["cpu"] + 5_853_584 + runtime
+    # 491,520 + 40,976 + 265,600 + 208,896 + 139,264 + 557,056 + 348,160 + 417,792 + 262,144 + 394,240 + 3,145,728
+    assert plan.host_total == PROCESS_BASE_BYTES["cpu"] + 6_271_376 + runtime
     # A 4-bit base is what imports bitsandbytes; a bf16 one (variant=full) does not.
     full = plan_memory("tiny", 2, seq_len=256, device="cpu", variant="full")
     assert full.host["library_imports"] == CPU_IMPORT_BYTES["transformers_models"]

@@ -3,7 +3,7 @@
 Like peft's LoraLayer, the base stays untouched under `base_layer`. Unlike it, each of A and B is split in two:
 the trainable entries live packed in a 1-D nn.Parameter (so the optimizer only ever sees them, and AdamW's decay
 and momentum can never move a frozen entry) and the frozen ones in a 1-D buffer. The dense matrix is rebuilt from
-both halves at every forward, without a device-to-host sync (see `_ScatterTrainable`).
+both halves at every forward by one gather, without a device-to-host sync (see `SparseMatrix`).
 """
 
 from __future__ import annotations
@@ -16,42 +16,32 @@ from torch import nn
 from lorasp_dist.lorasp.masks import draw_mask, mask_generator
 
 
-class _ScatterTrainable(torch.autograd.Function):
-    """`dense.masked_scatter(mask, values)`, differentiable in `values`. Autograd's own backward for masked_scatter
-    is `grad.masked_select(mask)`, whose output size the host must read from the GPU: one stall per matrix per
-    backward, 420 per step on a 30-layer model, which left a small model's step waiting on the host. Gathering at
-    `nonzero_static` positions (the count is known: values.numel()) gives the same numbers with no sync."""
-
-    @staticmethod
-    def forward(ctx, dense: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        ctx.count = values.numel()
-        return dense.masked_scatter(mask, values)  # on CUDA its size check is asynchronous: no sync
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if not ctx.needs_input_grad[2]:
-            return None, None, None
-        (mask,) = ctx.saved_tensors
-        where = torch.nonzero_static(mask.reshape(-1), size=ctx.count).squeeze(1)
-        return None, None, grad.reshape(-1).index_select(0, where)
-
-
 class SparseMatrix(nn.Module):
-    """One LoRA matrix stored as (trainable packed values, frozen packed values, mask)."""
+    """One LoRA matrix stored as (trainable packed values, frozen packed values, where each entry lives).
+
+    `slot` maps every position of the matrix to its place in cat(train_values, frozen_values), so the dense matrix is
+    one gather. Its backward is a scatter-add at known positions: no op in either direction depends on the data, so
+    none makes the host wait for the GPU (masked_scatter's backward, masked_select, must read its output size back:
+    one stall per matrix per backward, which left a small model's step waiting on the host). int32 keeps it at 4 B
+    an entry."""
 
     def __init__(self, dense: torch.Tensor, mask: torch.Tensor):
         super().__init__()
         self.shape = tuple(dense.shape)
-        self.register_buffer("mask", mask.to(dense.device), persistent=False)
-        self.train_values = nn.Parameter(dense[self.mask].clone())
-        self.register_buffer("frozen_values", dense[~self.mask].clone())
+        mask = mask.to(dense.device)
+        self.train_values = nn.Parameter(dense[mask].clone())
+        self.register_buffer("frozen_values", dense[~mask].clone())
+        self.register_buffer("slot", _slots(mask), persistent=False)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """True where the entry trains."""
+        return (self.slot < self.train_values.numel()).view(self.shape)
 
     def dense(self) -> torch.Tensor:
         """The full matrix; differentiable with respect to `train_values` only."""
-        out = self.frozen_values.new_zeros(self.shape, dtype=self.train_values.dtype)
-        out = out.masked_scatter(~self.mask, self.frozen_values.to(out.dtype))
-        return _ScatterTrainable.apply(out, self.mask, self.train_values)
+        values = torch.cat([self.train_values, self.frozen_values.to(self.train_values.dtype)])
+        return values.index_select(0, self.slot).view(self.shape)
 
     @torch.no_grad()
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -68,7 +58,16 @@ class SparseMatrix(nn.Module):
                 value.copy_(full[mask])
         self.train_values.copy_(dense[mask])
         self.frozen_values = dense[~mask].to(self.frozen_values.dtype)
-        self.mask = mask
+        self.slot = _slots(mask)
+
+
+def _slots(mask: torch.Tensor) -> torch.Tensor:
+    """Position -> index into cat(trainable entries, frozen entries), each group in row-major order."""
+    flat = mask.reshape(-1)
+    n_train = int(flat.sum())
+    order = torch.cumsum(flat, 0) - 1  # among the trainable entries
+    frozen_order = torch.cumsum(~flat, 0) - 1 + n_train  # among the frozen ones, after them
+    return torch.where(flat, order, frozen_order).to(torch.int32)
 
 
 class LoRASPLinear(nn.Module):

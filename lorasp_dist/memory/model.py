@@ -284,7 +284,7 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
                 if t:
                     params.append(_Param("lorasp_params", t, lora_bytes, True, layer, f"{name}.lora_{which}"))
                 fixed["lorasp_frozen"] += (numel - t) * lora_bytes  # a buffer: every rank holds all of it
-                fixed["lorasp_masks"] += numel  # bool buffer, 1 B per entry
+                fixed["lorasp_masks"] += 4 * numel  # the int32 slot map (layer.SparseMatrix), 4 B per entry
     params.append(_Param("bf16_weights", p.hidden_size, BASE_BYTES, full, None, "norm"))
     params.append(_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "lm_head"))
     return params, fixed
