@@ -139,10 +139,11 @@ def run_config(a, base: Path, task: dict, lr: float):
 # ------------------------------------------------------------------------------------------------------ one run
 
 
-def autocast(precision: str):
-    # bf16 autocast over fp32 weights (full fine-tuning needs fp32 master weights), or plain fp32.
+def autocast(precision: str, cache: bool = True):
+    # bf16 autocast over fp32 weights (full fine-tuning needs fp32 master weights), or plain fp32. Its cache of cast
+    # weights must be off while a CUDA graph is captured, so that every replay casts the current weights.
     if precision == "bf16-autocast":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -198,26 +199,22 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     counts = count_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     losses = torch.zeros(t.max_steps, device=device)  # kept on the device: no sync per step
     timed_from = TIMED_FROM if t.max_steps > 2 * TIMED_FROM else 0
+
+    def batch_at(step: int) -> dict:
+        # The run's seed orders the rows: every variant of a (task, seed) reads the same batches.
+        idx = micro_batch_indices(len(rows), seed, step * t.micro_batch_size, t.micro_batch_size, 0, 1, 1)[0]
+        return {k: v.to(device, non_blocking=True) for k, v in rows[idx].items()}
+
+    opt, train_step, graphed = optimizer_and_step(model, params, lr, t.weight_decay, t.grad_clip, a, device,
+                                                  batch_at(0))
     t0 = time.perf_counter()
     for step in range(t.max_steps):
         if step == timed_from:
             _sync(device)
             t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        # The run's seed orders the rows: every variant of a (task, seed) reads the same batches.
-        idx = micro_batch_indices(len(rows), seed, step * t.micro_batch_size, t.micro_batch_size, 0, 1, 1)[0]
-        batch = {k: v.to(device, non_blocking=True) for k, v in rows[idx].items()}
-        with autocast(a.precision):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses[step] = loss.detach()
+        losses[step] = train_step(batch_at(step), lr_at(step, cfg))
         if resample and (step + 1) % resample == 0 and step + 1 < t.max_steps:
             resample_masks(model, opt)  # state follows the entries that stay trainable, starts at 0 for new ones
     _sync(device)
@@ -241,8 +238,9 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
         "loss_curve": [round(x, 4) for x in losses.tolist()],
         "b_zero_fraction": b_zero_fraction(model),
         "resample_every": resample,
+        "cuda_graph": graphed,
     }
-    del opt
+    del opt, train_step  # and with the step its CUDA graph's memory pool
     merge_adapters(model)  # a private copy of the base (deepcopy above), so merging in place is safe
     if with_val:  # the learning rate is chosen on validation; test is recorded for every rate, never used to choose
         record["val"] = score(model, tok, task["val"], task["metric"], a, device)
@@ -251,6 +249,74 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
     record["wall_s"] = time.perf_counter() - start
     del model
     return record
+
+
+def optimizer_and_step(model, params, lr, weight_decay, grad_clip, a, device, first_batch):
+    """(AdamW, step(batch, rate) -> loss on the device, whether the step is a CUDA graph).
+
+    On CUDA the whole step (forward, backward, clipping, AdamW) is captured once as a CUDA graph and replayed: a step
+    of this 135M model is some ten thousand small kernels (7 x 30 LoRA layers), and launching them one by one from
+    Python took longer than running them, which would have made LoRA-SP look slow for a reason that is not its own.
+    A replay runs the same kernels on the same data as the eager loop does."""
+
+    def forward_backward(batch: dict, cache: bool) -> torch.Tensor:
+        with autocast(a.precision, cache):
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        return loss.detach()
+
+    def eager():
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+        def step(batch: dict, rate: float) -> torch.Tensor:
+            for g in opt.param_groups:
+                g["lr"] = rate
+            loss = forward_backward(batch, cache=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return opt, step, False
+
+    if device.type != "cuda" or a.no_cuda_graph:
+        return eager()
+    rate = torch.tensor(lr, device=device)  # a capturable AdamW reads its rate from the device
+    opt = torch.optim.AdamW(params, lr=rate, weight_decay=weight_decay, fused=True, capturable=True)
+    # The optimizer state must exist before the capture (state made inside it would be zeroed again at every replay):
+    # one step at rate 0 on zero gradients leaves every weight as it is; the step counters then go back to 0.
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rate.zero_()
+    opt.step()
+    for state in opt.state.values():
+        state["step"].zero_()
+    opt.zero_grad(set_to_none=True)
+    static = {k: v.clone() for k, v in first_batch.items()}
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (cuBLAS workspaces, autograd); weights untouched
+            forward_backward(static, cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)  # the captured backward then writes fresh gradients at every replay
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = forward_backward(static, cache=False)
+            opt.step()
+    except RuntimeError as e:  # something in the step cannot be captured: run it eagerly, same numbers
+        print(f"[quality] CUDA graph capture failed ({str(e).splitlines()[0]}); running the step eagerly", flush=True)
+        opt.zero_grad(set_to_none=True)
+        return eager()
+
+    def replay(batch: dict, r: float) -> torch.Tensor:
+        for k, v in batch.items():
+            static[k].copy_(v)
+        rate.fill_(r)
+        graph.replay()
+        return loss
+
+    return opt, replay, True
 
 
 def _sync(device) -> None:
@@ -620,6 +686,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="launch the training step kernel by kernel instead of replaying a captured CUDA graph")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16-autocast", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--out", help=f"results folder (default {RESULTS / 'quality'}; with --smoke: WORK/smoke)")

@@ -56,9 +56,10 @@ class SparseMatrix(nn.Module):
                 full = torch.zeros(self.shape, dtype=value.dtype, device=value.device)
                 full[old] = value
                 value.copy_(full[mask])
+        # In place (counts do not change): whatever holds these tensors, a captured CUDA graph say, sees the change.
         self.train_values.copy_(dense[mask])
-        self.frozen_values = dense[~mask].to(self.frozen_values.dtype)
-        self.slot = _slots(mask)
+        self.frozen_values.copy_(dense[~mask])
+        self.slot.copy_(_slots(mask))
 
 
 def _slots(mask: torch.Tensor) -> torch.Tensor:
