@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError, RunConfig, load_config
+from lorasp_dist.shipped import shipped
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "lorasp.sbatch"
+TEMPLATE = shipped("slurm/lorasp.sbatch")
 ARGS_LINE = "[ $# -gt 0 ] || set --"
 GPU_COUNT = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?(\d+)$")  # sbatch's --gpus-per-node: [type:]count
 

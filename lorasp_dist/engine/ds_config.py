@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 from lorasp_dist.config import ConfigError, RunConfig
+from lorasp_dist.shipped import shipped
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = shipped("ds_configs")
 
 
 def load_template(name: str) -> dict:
