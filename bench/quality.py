@@ -147,7 +147,7 @@ def autocast(precision: str, cache: bool = True):
     return contextlib.nullcontext()
 
 
-def score(model, tok, records: list[dict], metric: str, a, device) -> float:
+def score(model, tok, records: list[dict], metric: str, a) -> float:
     from lorasp_dist.evaluate import evaluate
 
     with autocast(a.precision):
@@ -243,9 +243,9 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
     del opt, train_step  # and with the step its CUDA graph's memory pool
     merge_adapters(model)  # a private copy of the base (deepcopy above), so merging in place is safe
     if with_val:  # the learning rate is chosen on validation; test is recorded for every rate, never used to choose
-        record["val"] = score(model, tok, task["val"], task["metric"], a, device)
-        record["val_loss"] = score(model, tok, task["val"], "loss", a, device)
-    record["test"] = score(model, tok, task["test"], task["metric"], a, device)
+        record["val"] = score(model, tok, task["val"], task["metric"], a)
+        record["val_loss"] = score(model, tok, task["val"], "loss", a)
+    record["test"] = score(model, tok, task["test"], task["metric"], a)
     record["wall_s"] = time.perf_counter() - start
     del model
     return record
@@ -783,7 +783,7 @@ def main(argv=None) -> int:
         rows = None
         if run_key(name, "base", None, None) not in done:
             t0 = time.perf_counter()
-            test = score(base_model, tok, task["test"], task["metric"], a, device)
+            test = score(base_model, tok, task["test"], task["metric"], a)
             record({"task": name, "kind": task["kind"], "metric": task["metric"], "variant": "base", "seed": None,
                     "lr": None, "phase": "zero-shot", "test": test, "wall_s": time.perf_counter() - t0})
         for v in a.variants:

@@ -19,22 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from ports import free_ports
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo")
 
 
 def missing_binaries() -> list[str]:
     return [b for b in DAEMONS if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _bin(name: str) -> str:
@@ -75,7 +66,7 @@ class SlurmCluster:
         return self
 
     def _slurm_conf(self) -> str:
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = free_ports(2)
         r = self.root
         return f"""\
 ClusterName=lorasptest

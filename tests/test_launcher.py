@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +33,6 @@ BAD_INPUT_S = 30
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 def launch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lorasp_dist", "launch", str(TINY), *args]
