@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import write as write_fault_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    write_fault_table()
 
 
 def pytest_collection_modifyitems(config, items):
