@@ -31,8 +31,8 @@ def write() -> None:
     lines = [
         "# Fault table",
         "",
-        "Written by the test run (`tests/faults.py`), one row per injected fault: what it cost. Target: nothing lost, at",
-        "most one checkpoint interval redone.",
+        "Written by the test run (`tests/faults.py`), one row per injected fault: what it cost.",
+        "Target: nothing lost, at most one checkpoint interval redone.",
         "",
         "| fault | entry point | exit code | steps redone | data lost | what happened | run |",
         "|---|---|---:|---:|---|---|---|",
