@@ -33,7 +33,7 @@ def command(system: str, preset: str, base: Path, ds: str, mbs: int, a, results:
         via = "launch" if system == OURS else "torchrun"
         return [sys.executable, str(BENCH / "run.py"), "--configs", f"{preset}:{ds}:{mbs}", "--via", via,
                 "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--rank", str(a.rank), "--work", a.work,
-                "--results", str(results), "--run-id", run_id]
+                "--results", str(results), "--run-id", run_id, "--set", *a.set]
     script = {"hf-stock": "baseline_hf.py", "fsdp-qlora": "baseline_fsdp.py"}[system]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus()), str(BENCH / script),
             "--base", str(base), "--preset", preset, "--micro-batch", str(mbs), "--steps", str(a.steps),
@@ -73,6 +73,7 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--work", default="/tmp/lorasp-bench")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for our runs")
     a = p.parse_args()
 
     compare_id = new_run_id(f"compare-{a.preset}")

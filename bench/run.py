@@ -120,6 +120,8 @@ def main() -> int:
     p.add_argument("--work", default=os.environ.get("LORASP_BENCH_WORK", "/tmp/lorasp-bench"))
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--run-id", default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides for every run, e.g. train.profile_steps=[5] deepspeed.fetch=module")
     a = p.parse_args()
 
     if a.configs:
@@ -140,7 +142,7 @@ def main() -> int:
         overrides = [f"model.path={base}", "model.preset=null", f"deepspeed.config={ds}",
                      f"train.micro_batch_size={mbs}", f"data.seq_len={a.seq_len}", f"train.max_steps={a.steps}",
                      f"lorasp.r={a.rank}", f"lorasp.alpha={2 * a.rank}", f"lorasp.variant={a.variant}",
-                     f"train.output_dir={work / 'runs'}", f"train.run_name={name}"]
+                     f"train.output_dir={work / 'runs'}", f"train.run_name={name}", *a.set]
         print(f"[bench] {name}", flush=True)
         proc = subprocess.run(train_cmd(a.via, n, overrides), cwd=REPO)
         row = {"config": f"{preset} {ds} mbs={mbs}", "ok": proc.returncode == 0}
@@ -166,7 +168,7 @@ def main() -> int:
     with tarfile.open(results / f"{run_id}-reports.tar.gz", "w:gz") as tar:
         for run_dir in reports:
             for f in ("memory_report.md", "memory_report.json", "memory_timeline.png", "memory_vs_full_ft.png",
-                      "memory/plan.json"):
+                      "memory/plan.json", *(str(q.relative_to(run_dir)) for q in run_dir.glob("profile/*.md"))):
                 if (run_dir / f).is_file():
                     tar.add(run_dir / f, arcname=f"{run_dir.name}/{f}")
     return 0 if all(r["ok"] for r in rows) else 1

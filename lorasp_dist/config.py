@@ -91,6 +91,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = True
     precision: Literal["bf16", "fp32"] = "bf16"
     log_every: int = Field(1, gt=0)
+    profile_steps: list[int] = Field(default_factory=list)  # [K]: torch.profiler tables of steps K, K+1 (profile/)
     eval_every: int = Field(0, ge=0)  # 0: no evaluation
     eval_batches: int = Field(4, gt=0)
     save_every: int = Field(0, ge=0)  # 0: only at the end

@@ -24,6 +24,7 @@ import torch
 from lorasp_dist.config import ConfigError, RunConfig
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.ds_config import build_ds_config
+from lorasp_dist.engine.profile import StepProfiler
 
 OnCheckpoint = Callable[[Path, int, dict], None]
 STOP_FILE = "STOP"
@@ -158,6 +159,7 @@ class Recipe:
         )
         self._metrics = open(self._metrics_path(), "a")
         self.tb = None
+        self.profiler = StepProfiler(self.run_dir, self.rank, cfg.train.profile_steps, self.device.type == "cuda")
 
     def _metrics_path(self) -> Path:
         path = self.run_dir / "metrics" / f"rank{self.rank}.jsonl"
@@ -398,6 +400,7 @@ class Recipe:
         with progress:
             task = progress.add_task("train", total=t.max_steps, completed=self.step, info="")
             while self.step < t.max_steps:
+                self.profiler.tick(self.step)
                 metrics = self.train_step()
                 self.step += 1
                 if t.eval_every and self.step % t.eval_every == 0:
@@ -443,6 +446,7 @@ class Recipe:
             print(f"[lorasp] memory report: {paths[0] if paths else self.run_dir}", flush=True)
 
     def close(self):
+        self.profiler.close()
         self.tracker.stop()
         self._metrics.close()
         if self.tb is not None:
