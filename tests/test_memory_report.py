@@ -14,7 +14,7 @@ import torch
 from lorasp_dist.cli import main
 from lorasp_dist.memory.report import GB, GiB, ReportError, error_pct, write_report
 from lorasp_dist.memory.tracker import MemoryTracker
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 GPU_FIELDS = ("cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes", "cuda_alloc_retries", "cuda_ooms",
               "nvml_used_peak_bytes")
