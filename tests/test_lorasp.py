@@ -50,7 +50,7 @@ def adamw_steps(model, n=20, lr=1e-2, wd=0.1, seed=0):
 
 def snapshot(model):
     return {
-        lay.name: {w: (m.train_values.detach().clone(), m.frozen_values.clone(), m.dense().detach().clone())
+        lay.name: {w: (m.train_values.detach().clone(), m.dense().detach()[~m.mask], m.dense().detach().clone())
                    for w, m in (("A", lay.lora_A), ("B", lay.lora_B))}
         for lay in lorasp_layers(model)
     }
@@ -91,6 +91,7 @@ def test_forward_equals_w0x_plus_scaled_ba(base):
     # the dense matrices are rebuilt from both halves: trainable where the mask is set, frozen elsewhere
     torch.testing.assert_close(a[layer.lora_A.mask], layer.lora_A.train_values)
     torch.testing.assert_close(a[~layer.lora_A.mask], layer.lora_A.frozen_values)
+    assert layer.lora_B.frozen_values is None and not b[~layer.lora_B.mask].any()  # zeros need no storage
 
 
 @pytest.mark.parametrize("strategy", ["random", "rows", "cols"])
@@ -170,7 +171,11 @@ def test_variants(base):
     fa = fresh(base, variant="lora-fa")
     for layer in lorasp_layers(fa):
         assert layer.lora_A.train_values.numel() == 0 and not layer.lora_A.train_values.requires_grad
-        assert layer.lora_B.frozen_values.numel() == 0
+        assert layer.lora_B.frozen_values is None and layer.lora_B.mask_bits is None
+        assert layer.lora_A.mask_bits is None  # a matrix that trains whole or not at all needs no mask
+    for layer in lorasp_layers(fresh(base, variant="lora")):  # peft's layout: A and B, nothing else
+        for m in (layer.lora_A, layer.lora_B):
+            assert [n for n, _ in m.named_parameters()] == ["train_values"]
     full = apply_lorasp(copy.deepcopy(base), LoRASPConfig(variant="full"))
     assert all(p.requires_grad for p in full.parameters())
     assert count_parameters(full)["trainable"] == sum(p.numel() for p in base.parameters())
@@ -260,17 +265,59 @@ def test_no_matching_target_is_an_error(base):
 
 
 def test_sparse_matrix_gradient_matches_masked_scatter():
-    """The sync-free backward gives exactly autograd's masked_scatter gradient, for every trainable share."""
+    """The sync-free rebuild gives exactly autograd's masked_scatter values and gradient, for every trainable share,
+    with frozen values stored, and with all-zero frozen values (B at init) not stored."""
     from lorasp_dist.lorasp.layer import SparseMatrix
 
     gen = torch.Generator().manual_seed(0)
     for ratio in (0.0, 0.3, 0.5, 1.0):
-        mask = torch.rand(6, 5, generator=gen) < ratio
-        m = SparseMatrix(torch.randn(6, 5, generator=gen), mask)
-        upstream = torch.randn(6, 5, generator=gen)
-        (m.dense() * upstream).sum().backward()
-        ref = m.train_values.detach().clone().requires_grad_(True)
-        base = torch.zeros(6, 5).masked_scatter(~mask, m.frozen_values)
-        (base.masked_scatter(mask, ref) * upstream).sum().backward()
-        assert torch.equal(m.dense().detach(), base.masked_scatter(mask, ref).detach())
-        assert torch.equal(m.train_values.grad, ref.grad)
+        for dense in (torch.randn(6, 5, generator=gen), torch.zeros(6, 5)):
+            mask = torch.rand(6, 5, generator=gen) < ratio
+            m = SparseMatrix(dense, mask)
+            assert (m.frozen_values is None) == (not dense[~mask].any())
+            ref = dense[mask].clone().requires_grad_(True)
+            assert torch.equal(m.dense().detach(), dense.masked_scatter(mask, ref).detach())
+            assert torch.equal(m.mask, mask)
+            if ref.numel():
+                upstream = torch.randn(6, 5, generator=gen)
+                (m.dense() * upstream).sum().backward()
+                (dense.masked_scatter(mask, ref) * upstream).sum().backward()
+                assert torch.equal(m.train_values.grad, ref.grad)
+
+
+def test_sparse_matrix_stores_one_bit_per_entry():
+    """The bookkeeping of a random mask is a bit per entry: no int32 map, no bool mask, nothing replicated."""
+    from lorasp_dist.lorasp.layer import SparseMatrix
+
+    mask = draw_mask((16, 1000), 0.5, "random", mask_generator(0, "x", "A"))
+    m = SparseMatrix(torch.randn(16, 1000), mask)
+    assert m.mask_bits.dtype == torch.uint8 and m.mask_bits.numel() == 16 * 1000 // 8
+    assert sum(b.numel() * b.element_size() for b in m.buffers()) == 8  # the bit values, a constant
+    assert m.train_values.numel() + m.frozen_values.numel() == 16 * 1000
+
+
+def test_fused_4bit_adapter_matches_the_unfused_layer():
+    """A 4-bit base with the adapter fused into one autograd node (bf16) computes what base + adapter compute."""
+    from lorasp_dist.model.quant import make_linear4bit, quantize_nf4
+
+    torch.manual_seed(0)
+    base4 = make_linear4bit(quantize_nf4(torch.randn(96, 64).to(torch.bfloat16) * 0.05), "cpu")
+    model = nn.Sequential()
+    model.add_module("q_proj", base4)
+    apply_lorasp(model, LoRASPConfig(r=8, target_modules=["q_proj"]))
+    layer = lorasp_layers(model)[0]
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.train_values.normal_()
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    fused = layer(x)
+    fused.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A.train_values, layer.lora_B.train_values)]
+    for t in (x, layer.lora_A.train_values, layer.lora_B.train_values):
+        t.grad = None
+    a, b = layer.lora_A.dense(), layer.lora_B.dense()
+    plain = base4(x) + ((x @ a.t()) @ b.t()) * layer.scaling
+    plain.float().square().sum().backward()
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, (x.grad, layer.lora_A.train_values.grad, layer.lora_B.train_values.grad)):
+        assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()

@@ -170,10 +170,11 @@ class Recipe:
     # setup ---------------------------------------------------------------------------------------------------------
     def setup(self, prepared: Prepared | None = None):
         import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, lorasp_layers
-        from lorasp_dist.model.load import ensure_base, load_base
+        from lorasp_dist.model.load import decoder_layers, ensure_base, load_base
 
         cfg = self.cfg
         if self.is_main:
@@ -212,6 +213,8 @@ class Recipe:
             if cfg.train.gradient_checkpointing:
                 # Non-reentrant checkpointing works with ZeRO-3's gather hooks and needs no input requires-grad trick.
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.deepspeed.fetch == "layer":
+                set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -85,8 +85,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     adapter_params = set()
     for layer in lorasp_layers(model):
         for m in (layer.lora_A, layer.lora_B):
-            adapter_params.add(id(m.train_values))
-            frozen_adapter += m.frozen_values.numel()
+            adapter_params.update(id(p) for p in m.parameters())
+            frozen_adapter += m.n_frozen
     for p in model.parameters():
         n = _logical_numel(p)
         if p.requires_grad:
@@ -108,7 +108,7 @@ def lorasp_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for which, m in (("A", layer.lora_A), ("B", layer.lora_B)):
             key = f"{layer.name}.lora_{which}"
             out[f"{key}.train_values"] = m.train_values.detach()
-            if layer.round > 0:
+            if layer.round > 0 and m.frozen_values is not None:
                 out[f"{key}.frozen_values"] = m.frozen_values.detach()
         out[f"{layer.name}.mask_seed"] = torch.tensor([layer.cfg.seed, layer.round], dtype=torch.int64)
     return out

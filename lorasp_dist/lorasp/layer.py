@@ -2,8 +2,8 @@
 
 Like peft's LoraLayer, the base stays untouched under `base_layer`. Unlike it, each of A and B is split in two:
 the trainable entries live packed in a 1-D nn.Parameter (so the optimizer only ever sees them, and AdamW's decay
-and momentum can never move a frozen entry) and the frozen ones in a 1-D buffer. The dense matrix is rebuilt from
-both halves at every forward by one gather, without a device-to-host sync (see `SparseMatrix`).
+and momentum can never move a frozen entry) and the frozen ones in a frozen 1-D parameter. The dense matrix is
+rebuilt from both halves at every forward, without a device-to-host sync (see `SparseMatrix`).
 """
 
 from __future__ import annotations
@@ -13,35 +13,67 @@ import math
 import torch
 from torch import nn
 
-from lorasp_dist.lorasp.masks import draw_mask, mask_generator
+from lorasp_dist.lorasp.masks import BIT_VALUES, draw_mask, mask_generator, pack_mask, unpack_mask
 
 
 class SparseMatrix(nn.Module):
-    """One LoRA matrix stored as (trainable packed values, frozen packed values, where each entry lives).
+    """One LoRA matrix stored as (trainable packed values, frozen packed values, a one-bit mask).
 
-    `slot` maps every position of the matrix to its place in cat(train_values, frozen_values), so the dense matrix is
-    one gather. Its backward is a scatter-add at known positions: no op in either direction depends on the data, so
-    none makes the host wait for the GPU (masked_scatter's backward, masked_select, must read its output size back:
-    one stall per matrix per backward, which left a small model's step waiting on the host). int32 keeps it at 4 B
-    an entry."""
+    All three are parameters, so ZeRO-3 partitions each across ranks like any weight: nothing here is replicated.
+    Zeros need no storage: frozen entries that are all zero (B's, from its zero init, until a resample) are not
+    stored, unless `keep_frozen` (a run that will resample needs room for them). A matrix that trains whole or not
+    at all needs no mask.
 
-    def __init__(self, dense: torch.Tensor, mask: torch.Tensor):
+    The dense matrix is one prefix count over the mask and two gathers, a few elementwise kernels and no
+    data-dependent shape, so nothing makes the host wait for the GPU, forward or backward (masked_scatter's
+    backward, masked_select, must read its output size back: one stall per matrix per backward)."""
+
+    def __init__(self, dense: torch.Tensor, mask: torch.Tensor, keep_frozen: bool = False):
         super().__init__()
         self.shape = tuple(dense.shape)
-        mask = mask.to(dense.device)
-        self.train_values = nn.Parameter(dense[mask].clone())
-        self.register_buffer("frozen_values", dense[~mask].clone())
-        self.register_buffer("slot", _slots(mask), persistent=False)
+        flat, mask = dense.reshape(-1), mask.reshape(-1).to(dense.device)
+        self.train_values = nn.Parameter(flat[mask].clone())
+        frozen = flat[~mask]
+        keep = frozen.numel() > 0 and (keep_frozen or bool(frozen.any()))
+        self.frozen_values = nn.Parameter(frozen.clone(), requires_grad=False) if keep else None
+        partial = 0 < self.train_values.numel() < flat.numel()
+        self.mask_bits = nn.Parameter(pack_mask(mask), requires_grad=False) if partial else None
+        self.register_buffer("bit_values", torch.tensor(BIT_VALUES, dtype=torch.uint8, device=dense.device),
+                             persistent=False)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def n_frozen(self) -> int:
+        return self.numel - self.train_values.numel()
 
     @property
     def mask(self) -> torch.Tensor:
         """True where the entry trains."""
-        return (self.slot < self.train_values.numel()).view(self.shape)
+        if self.mask_bits is None:
+            return torch.full(self.shape, self.n_frozen == 0, dtype=torch.bool, device=self.bit_values.device)
+        return unpack_mask(self.mask_bits, self.numel, self.bit_values).view(self.shape)
 
     def dense(self) -> torch.Tensor:
         """The full matrix; differentiable with respect to `train_values` only."""
-        values = torch.cat([self.train_values, self.frozen_values.to(self.train_values.dtype)])
-        return values.index_select(0, self.slot).view(self.shape)
+        values = self.train_values
+        if self.n_frozen == 0:
+            return values.view(self.shape)
+        frozen = self.frozen_values.to(values.dtype) if self.frozen_values is not None else None
+        if self.mask_bits is None:  # nothing trains
+            return (frozen if frozen is not None else values.new_zeros(self.numel)).view(self.shape)
+        mask = unpack_mask(self.mask_bits, self.numel, self.bit_values)
+        seen = mask.cumsum(0, dtype=torch.int32)  # trainable entries up to and including each position
+        # Where the mask is off the first gather reads a neighbour and the second where() drops it: its gradient
+        # there is an exact zero, so every trainable entry gets exactly its own position's gradient.
+        trained = values.index_select(0, (seen - 1).clamp_(min=0))
+        if frozen is None:
+            return torch.where(mask, trained, 0.0).view(self.shape)
+        before = torch.arange(self.numel, dtype=torch.int32, device=mask.device).sub_(seen)  # frozen ones before
+        held = frozen.index_select(0, before.clamp_(0, self.n_frozen - 1))
+        return torch.where(mask, trained, held).view(self.shape)
 
     @torch.no_grad()
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -58,17 +90,11 @@ class SparseMatrix(nn.Module):
                 value.copy_(full[mask])
         # In place (counts do not change): whatever holds these tensors, a captured CUDA graph say, sees the change.
         self.train_values.copy_(dense[mask])
-        self.frozen_values.copy_(dense[~mask])
-        self.slot.copy_(_slots(mask))
-
-
-def _slots(mask: torch.Tensor) -> torch.Tensor:
-    """Position -> index into cat(trainable entries, frozen entries), each group in row-major order."""
-    flat = mask.reshape(-1)
-    n_train = int(flat.sum())
-    order = torch.cumsum(flat, 0) - 1  # among the trainable entries
-    frozen_order = torch.cumsum(~flat, 0) - 1 + n_train  # among the frozen ones, after them
-    return torch.where(flat, order, frozen_order).to(torch.int32)
+        if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
+            self.frozen_values = nn.Parameter(dense[~mask].clone(), requires_grad=False)
+        else:
+            self.frozen_values.copy_(dense[~mask])
+        self.mask_bits.copy_(pack_mask(mask))
 
 
 class LoRASPLinear(nn.Module):
@@ -86,8 +112,9 @@ class LoRASPLinear(nn.Module):
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=mask_generator(cfg.seed, name, "init"))
         b = torch.zeros(self.out_features, cfg.r)
         device = _device_of(base_layer)
-        self.lora_A = SparseMatrix(a.to(device), self._mask("A", a.shape).to(device))
-        self.lora_B = SparseMatrix(b.to(device), self._mask("B", b.shape).to(device))
+        resamples = cfg.resample_every > 0
+        self.lora_A = SparseMatrix(a.to(device), self._mask("A", a.shape).to(device), keep_frozen=resamples)
+        self.lora_B = SparseMatrix(b.to(device), self._mask("B", b.shape).to(device), keep_frozen=resamples)
 
     def _ratio(self, which: str) -> float:
         variant = self.cfg.variant
@@ -114,8 +141,12 @@ class LoRASPLinear(nn.Module):
         return (self.lora_B.dense() @ self.lora_A.dense()) * self.scaling
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         a, b = self.lora_A.dense(), self.lora_B.dense()
+        fused = getattr(self.base_layer, "forward_with_lora", None)
+        if fused is not None and isinstance(self.dropout, nn.Identity) and a.dtype == self.base_layer.compute_dtype:
+            # One autograd node for base + adapter: a 4-bit layer's dequantize, three matmuls and one fused add.
+            return fused(x, a, b, self.scaling)
+        result = self.base_layer(x, *args, **kwargs)
         lora = (self.dropout(x).to(a.dtype) @ a.t()) @ b.t()
         return result + (lora * self.scaling).to(result.dtype)
 

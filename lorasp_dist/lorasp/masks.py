@@ -1,5 +1,6 @@
 """Which entries of a LoRA matrix train. Each mask has exactly round(ratio * numel) True entries and is a pure
-function of (seed, layer name, matrix, resample round), so it never needs to be stored in a checkpoint."""
+function of (seed, layer name, matrix, resample round), so it never needs to be stored in a checkpoint. In memory a
+mask is one bit per entry (`pack_mask`), 1/32 of an int32 map."""
 
 from __future__ import annotations
 
@@ -45,3 +46,21 @@ def draw_mask(shape: tuple[int, int], ratio: float, strategy: str, gen: torch.Ge
     if rest:
         mask[order[full], :rest] = True
     return mask if strategy == "rows" else mask.t().contiguous()
+
+
+# Bit j of byte i is entry 8i + j.
+BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask (any shape) -> uint8, one bit per entry, row-major, the last byte padded with zeros."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    bits = torch.tensor(BIT_VALUES, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * bits).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int, bit_values: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_mask, flat; `bit_values` is BIT_VALUES as a uint8 tensor on `packed`'s device (a buffer, so
+    this makes no host-to-device copy: it runs without the host waiting for the GPU)."""
+    return packed.unsqueeze(1).bitwise_and(bit_values).ne(0).view(-1)[:numel]

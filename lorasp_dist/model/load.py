@@ -72,7 +72,9 @@ def read_hf_config(path: Path, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
-def _decoder_layers(model: nn.Module, n: int) -> nn.ModuleList:
+def decoder_layers(model: nn.Module, n: int | None = None) -> nn.ModuleList:
+    """The model's list of decoder layers (`n`: how many; default from the model's config)."""
+    n = model.config.num_hidden_layers if n is None else n
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return m
@@ -140,7 +142,7 @@ def load_base(
 
     reader = CheckpointReader(path)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    layers = _decoder_layers(model, config.num_hidden_layers)
+    layers = decoder_layers(model, config.num_hidden_layers)
     layers_prefix = next(n for n, m in model.named_modules() if m is layers) + "."
     lm_head = {"lm_head"}  # kept in bf16: the output projection is small next to the layers and precision-sensitive
     for i, layer in enumerate(layers):

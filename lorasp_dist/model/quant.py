@@ -67,6 +67,42 @@ class _Matmul4bit(torch.autograd.Function):
         return grad @ w, None
 
 
+class _LoRAMatmul4bit(torch.autograd.Function):
+    """x @ dequant(W)ᵀ + s·(x @ Aᵀ) @ Bᵀ as one autograd node: the base matmul and the adapter share the input, the
+    output buffer (one addmm) and the backward, so a projection costs one node instead of seven. Keeps the weight
+    Parameter, never its gathered storage, for the reason _Matmul4bit gives."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        x2 = x.reshape(-1, x.shape[-1])
+        w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(x.dtype)
+        xa = x2 @ a.t()
+        out = torch.addmm(x2 @ w.t(), xa, b.t(), alpha=scaling)
+        ctx.weight, ctx.scaling = weight, scaling
+        ctx.save_for_backward(x2, a, b, xa)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import bitsandbytes.functional as F
+
+        x2, a, b, xa = ctx.saved_tensors
+        weight, s = ctx.weight, ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = (g @ b).mul_(s)  # the gradient at the adapter's r-wide middle
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(g.dtype)
+            grad_x = torch.addmm(g @ w, gb, a).view(*grad.shape[:-1], a.shape[1])
+        if ctx.needs_input_grad[2]:
+            grad_a = gb.t() @ x2
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ xa).mul_(s)
+        return grad_x, None, grad_a, grad_b, None
+
+
 def _linear4bit_class():
     import bitsandbytes as bnb
 
@@ -76,6 +112,12 @@ def _linear4bit_class():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             dtype = x.dtype
             out = _Matmul4bit.apply(x.to(self.compute_dtype), self.weight)
+            return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
+
+        def forward_with_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
+            """This layer plus a LoRA adapter (dense A: r x in, B: out x r, in the compute dtype), fused."""
+            dtype = x.dtype
+            out = _LoRAMatmul4bit.apply(x.to(self.compute_dtype), self.weight, a, b, scaling)
             return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
 
     return Linear4bitZeRO
