@@ -88,15 +88,16 @@ def test_tiny_cpu_plan_by_hand():
     # Embeddings and lm_head (131,072 > 1e4 elements) are partitioned; the 9 norms (128) are persistent.
     assert host["bf16_weights"] == 2 * 65_536 * 2 + 9 * (128 + 64) * 2
     # LoRA-SP r=16: per layer A+B of q,k,v,o = 4 × (2048 + 2048) entries, of gate/up = 2048 + 4096, down = 4096 + 2048;
-    # half of each trains: 17,408 per layer, 69,632 in all, in one packed parameter per projection (2048 or 3072
+    # half of each trains: 17,408 per layer, 69,632 in all, packed in one parameter per matrix (1024 or 2048
     # entries), each persistent (whole + half partition, bf16).
     assert tiny.counts["trainable_params"] == 69_632
     assert host["lorasp_params"] == (69_632 + 34_816) * 2
     # The frozen half of A (1024 entries of q,k,v,o, gate and up, 2048 of down: 8192 per layer) is stored, persistent
     # too; B's frozen half is zero and not stored.
     assert host["lorasp_frozen"] == (4 * 8192 + 2 * 8192) * 2
-    # One bit per entry of A and B: 4096 / 8 = 512 B for q,k,v,o, 6144 / 8 = 768 B for gate/up/down; uint8, persistent.
-    assert host["lorasp_masks"] == 4 * (4 * (512 + 256) + 3 * (768 + 384))
+    # One bit per entry, one mask per matrix: 2048 / 8 = 256 B, 4096 / 8 = 512 B; uint8, persistent (whole + half):
+    # q,k,v,o 2 × 256 B each, gate/up/down 256 + 512 B each.
+    assert host["lorasp_masks"] == 4 * (4 * 2 * (256 + 128) + 3 * ((256 + 128) + (512 + 256)))
     assert host["optimizer_states"] == 12 * 34_816  # fp32 master + m + v of this rank's half
     # bf16 grad partition + the reduce bucket (only the 69,632 elements gradients fill are resident on CPU) + fp32 grad
     assert host["gradients"] == 2 * 34_816 + 2 * 69_632 + 4 * 34_816
@@ -131,11 +132,12 @@ def test_activations_per_layer_by_hand():
     # Per token, tiny (h=128, kv=128, i=256, 4 heads, r=16, 7 targets, bf16): norms 2·(4h + 4) (fp32 upcast and
     # rsqrt), q/k/v input 2h, rotated q, k and v 2·3h, SDPA output (= o_proj input) 2h + logsumexp 4·4, gate/up
     # input 2h, gate/SiLU/up outputs 3·2i, down input 2i, LoRA x·Aᵀ 7·2r = 4856 B;
-    # per layer the dense A and B: 2·r·Σ(in + out) = 69,632 B.
+    # per layer the dense A and B: 2·r·Σ(in + out) = 69,632 B, and what rebuilding each half-trained matrix saves
+    # (an int32 index and a bool mask, 5 B an entry): 5 × 34,816 entries.
     per_token = 2 * (4 * 128 + 4) + 2 * 128 + 6 * 128 + 2 * 128 + 16 + 2 * 128 + 6 * 256 + 2 * 256 + 14 * 16
     assert per_token == 4856
     one = plan("tiny", 1, "data.seq_len=256", device="cpu")
-    assert one.counts["activations_per_layer"] == per_token * 256 + 2 * 16 * (4 * 256 + 3 * 384)
+    assert one.counts["activations_per_layer"] == per_token * 256 + 2 * 16 * (4 * 256 + 3 * 384) + 5 * 34_816
 
 
 def _saved_tensor_bytes(preset: Preset, tokens: int) -> int:
@@ -187,23 +189,32 @@ def test_lora_vs_lorasp_optimizer_halves():
     assert fa.gpu["lorasp_masks"] == 0 and fa.gpu["lorasp_frozen"] > 0  # A frozen whole, stored; no mask
 
 
-# Per decoder layer, the sum of the in_features and of the out_features of the seven projections:
-#   llama-65b  (h 8192, i 22016):           in 6h + i = 71,168;   out 5h + 2i = 84,992
-#   llama2-70b (h 8192, i 28672, kv 1024):  in 6h + i = 77,824;   out 3h + 2kv + 2i = 83,968
-SHAPES = {"llama-65b": (71_168, 84_992), "llama2-70b": (77_824, 83_968)}
+# (out_features, in_features) of the seven projections of a decoder layer (80 layers in both).
+SHAPES = {
+    # llama-65b: h 8192, i 22016
+    "llama-65b": [(8192, 8192)] * 4 + [(22016, 8192)] * 2 + [(8192, 22016)],
+    # llama2-70b: h 8192, i 28672, k and v 1024 wide (8 KV heads)
+    "llama2-70b": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)] + [(28672, 8192)] * 2 + [(8192, 28672)],
+}
 
 
 def adapter_bytes_by_hand(preset: str, r: int, world: int, variant: str) -> int:
-    """One rank's adapter bytes, all 80 layers. Every tensor is partitioned in `world` equal parts (each count below
-    divides), none persistent (the smallest, llama2-70b's k_proj mask at r=16, is (131,072 + 16,384) / 8 = 18,432 B,
-    over the 1e4-element threshold). A trainable entry costs 2 (bf16 value) + 2 (bf16 gradient) + 4 (fp32 gradient)
-    + 12 (fp32 master, Adam m and v) = 20 B."""
-    ins, outs = SHAPES[preset]
-    a, b = 80 * r * ins, 80 * r * outs  # entries of all A and all B
-    if variant == "lora":  # peft: A and B, all trainable, nothing else
-        return 20 * (a + b) // world
-    # lorasp: half of A and B trains; the frozen half of A is stored in bf16; B's is zero, not stored; 1 bit a mask
-    return (20 * (a + b) // 2 + 2 * a // 2 + (a + b) // 8) // world
+    """One rank's adapter bytes over the 80 layers. ZeRO-3 gives each rank 1/world of every tensor (each count here
+    divides), and a tensor of at most 10,000 elements (stage3_param_persistence_threshold) also whole on every rank.
+    A trainable entry of a rank's partition costs 18 B beyond its bf16 value: 2 (bf16 gradient) + 4 (fp32 gradient)
+    + 12 (fp32 master, Adam m and v)."""
+    def held(n: int, elem: int) -> int:
+        return elem * (n // world + (n if n <= 10_000 else 0))
+
+    total = 0
+    for out_f, in_f in SHAPES[preset]:
+        for n, zero_init in ((r * in_f, False), (out_f * r, True)):  # A, then B
+            if variant == "lora":  # peft: the dense matrix, trainable
+                total += held(n, 2) + 18 * n // world
+                continue
+            # lorasp: half trains; the frozen half is stored (bf16) unless it is B's zeros; a bit per entry of mask
+            total += held(n // 2, 2) + 18 * (n // 2) // world + held(n // 2, 2) * (not zero_init) + held(n // 8, 1)
+    return 80 * total
 
 
 def test_adapter_bytes_by_hand_and_lorasp_within_55_percent_of_lora():
@@ -228,20 +239,22 @@ def test_adapter_bytes_by_hand_and_lorasp_within_55_percent_of_lora():
     assert "adapter bytes per rank (GPU + host)" in table and "0.53× plain LoRA's 1.86 GiB" in table
 
 
-@pytest.mark.xfail(strict=True, reason="lorasp/layer.py still keeps the int32 slot map and frozen buffers; the "
-                   "packed storage the plan counts lands with the layer change (then drop this mark)")
-def test_plan_counts_what_the_layer_stores():
-    """adapter_storage against the real layer's own tensors, for each variant (bytes, order-free)."""
+@pytest.mark.parametrize("variant, resample_every", [("lorasp", 0), ("lorasp", 5), ("lora", 0), ("lora-fa", 0)])
+def test_plan_counts_what_the_layer_stores(variant, resample_every):
+    """adapter_storage against the real layer's parameters (bytes and trainable, order-free): what ZeRO-3 partitions.
+    The layer's only buffer, an 8-byte bit table per matrix, is left out of both."""
     out_f, in_f = 96, 64
-    for variant in ("lorasp", "lora", "lora-fa"):
-        model = nn.Sequential()
-        model.add_module("q_proj", nn.Linear(in_f, out_f, bias=False))
-        apply_lorasp(model, make_lorasp_config(r=8, variant=variant, target_modules=["q_proj"]))
-        model.to(torch.bfloat16)
-        own = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "base_layer" not in n and t.numel()]
-        measured = sorted(t.numel() * t.element_size() for t in own)
-        planned = sorted(n * e for _, n, e, _ in adapter_storage(variant, out_f, in_f, 8, 0.5))
-        assert measured == planned, variant
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(in_f, out_f, bias=False))
+    cfg = make_lorasp_config(r=8, variant=variant, resample_every=resample_every, target_modules=["q_proj"])
+    apply_lorasp(model, cfg)
+    model.to(torch.bfloat16)
+    own = [p for n, p in model.named_parameters() if "base_layer" not in n and p.numel()]
+    measured = sorted((p.numel() * p.element_size(), p.requires_grad) for p in own)
+    planned = sorted((n * e, trainable) for _, n, e, trainable in
+                     adapter_storage(variant, out_f, in_f, 8, 0.5, keep_frozen=resample_every > 0))
+    assert measured == planned
+    assert [n for n, _ in model.named_buffers()] == ["q_proj.lora_A.bit_values", "q_proj.lora_B.bit_values"]
 
 
 def test_offload_moves_optimizer_to_host():
@@ -288,13 +301,14 @@ def test_zero3_gathers_llama7b_by_hand():
     assert off.gpu["zero3_gather_buffers"] == window
     # The all-gather stream's pool also holds one more window of released gathers the GPU has yet to read, at most
     # what the step still gathers from the loss on: the lm_head (32000 × 4096 bf16), the 32 layers' packed weights
-    # ((4 × 4096² + 3 × 4096 × 11008) / 2 B each) and their adapters (r=16, over the 1e4-element persistence
-    # threshold, so gathered too): per layer 16 × 35,584 entries of A and 16 × 42,496 of B, half of each trains
-    # (624,640 bf16), A's frozen half (284,672 bf16) and a bit per entry (156,160 B): 1,974,784 B.
+    # ((4 × 4096² + 3 × 4096 × 11008) / 2 B each) and their adapter tensors over the 1e4-element persistence
+    # threshold: per layer 16 × 35,584 entries of A and 16 × 42,496 of B, half of each trains (624,640 bf16), A's
+    # frozen half (284,672 bf16), and the masks of the three 176,128-entry matrices (gate's and up's B, down's A:
+    # 22,016 B each); the other masks (65,536 entries: 8192 B) are persistent.
     layer_4bit = (4 * 4096**2 + 3 * 4096 * 11008) // 2
-    layer_adapter = 2 * 624_640 + 2 * 284_672 + 156_160
+    layer_adapter = 2 * 624_640 + 2 * 284_672 + 3 * 22_016
     ahead = 32000 * 4096 * 2 + 32 * (layer_4bit + layer_adapter)
-    assert ahead == 3_563_339_776
+    assert ahead == 3_560_456_192
     compute_pool = off.gpu_peak_reserved - off.gpu["allocator_fragmentation"] - window
     assert off.gpu["allocator_fragmentation"] == int(compute_pool * 0.08) + min(window, ahead - window)
     # Two GPUs: every gather is an all-gather into a new buffer, so the window is there without offload too; it is

@@ -220,30 +220,30 @@ def nf4_bytes(numel: int) -> tuple[int, int]:
     return storage_elems * QUANT_STORAGE_BYTES, constants
 
 
-def adapter_storage(variant: str, out_f: int, in_f: int, r: int, ratio: float, resampled: bool = False,
-                    elem_bytes: int = 2) -> list[tuple[str, int, int, bool]]:
-    """What one target projection's adapter stores, as lorasp/layer.py lays it out: (component, elements, bytes
-    per element, trainable) per tensor. Every one of them is a ZeRO-3 parameter, partitioned like the base.
+def _matrix_ratios(variant: str, ratio: float) -> tuple[float, float]:
+    """The trainable fraction of A and of B (LoRASPLinear._ratio)."""
+    return {"lora": (1.0, 1.0), "lora-fa": (0.0, 1.0)}.get(variant, (ratio, ratio))
 
-    - lora: peft's layout, a dense A (r × in) and B (out × r), all trainable; no mask.
-    - lora-fa: B trains; A is frozen whole, and stored (it is not zero); no mask.
-    - lorasp: the trainable entries of A and B packed in one 1-D parameter; the frozen entries of A in another; the
-      frozen entries of B are zero until a mask resample and are stored only once one has happened (`resampled`);
-      the mask is one bit per entry of A and B, packed in bytes.
+
+def adapter_storage(variant: str, out_f: int, in_f: int, r: int, ratio: float, keep_frozen: bool = False,
+                    elem_bytes: int = 2) -> list[tuple[str, int, int, bool]]:
+    """What one target projection's adapter stores, as lorasp/layer.py's SparseMatrix lays out each of A (r × in)
+    and B (out × r): (component, elements, bytes per element, trainable) per tensor, every one a ZeRO-3 parameter,
+    partitioned like the base.
+
+    Per matrix: its trainable entries, packed; its frozen entries, packed, unless they are all zero (B's, from its
+    zero init) and no resample will fill them (`keep_frozen`: lorasp.resample_every > 0); a mask of one bit per
+    entry, packed in bytes, when part of the matrix trains. So lora is peft's layout (a dense A and B, all trainable,
+    no mask), lora-fa stores A frozen whole and no mask, and lorasp stores half of A and of B trainable, A's frozen
+    half, and two masks. (Each matrix also holds BIT_VALUES, an 8-byte lookup buffer: left out.)
     """
-    n_a, n_b = r * in_f, out_f * r
-    if variant == "lora":
-        stored = [("lorasp_params", n_a, elem_bytes, True), ("lorasp_params", n_b, elem_bytes, True)]
-    elif variant == "lora-fa":
-        stored = [("lorasp_params", n_b, elem_bytes, True), ("lorasp_frozen", n_a, elem_bytes, False)]
-    else:
-        t_a, t_b = trainable_count(n_a, ratio), trainable_count(n_b, ratio)
-        stored = [
-            ("lorasp_params", t_a + t_b, elem_bytes, True),
-            ("lorasp_frozen", n_a - t_a, elem_bytes, False),
-            ("lorasp_frozen", (n_b - t_b) * resampled, elem_bytes, False),
-            ("lorasp_masks", math.ceil((n_a + n_b) / 8), 1, False),
-        ]
+    ratios = _matrix_ratios(variant, ratio)
+    stored = []
+    for numel, part_ratio, zero_init in ((r * in_f, ratios[0], False), (out_f * r, ratios[1], True)):
+        t = trainable_count(numel, part_ratio)
+        stored.append(("lorasp_params", t, elem_bytes, True))
+        stored.append(("lorasp_frozen", (numel - t) * (keep_frozen or not zero_init), elem_bytes, False))
+        stored.append(("lorasp_masks", math.ceil(numel / 8) * (0 < t < numel), 1, False))
     return [t for t in stored if t[1]]
 
 
@@ -260,7 +260,7 @@ class _Param:
 
 
 def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: int, ratio: float,
-                resampled: bool, lora_bytes: int) -> tuple[list[_Param], dict[str, int]]:
+                keep_frozen: bool, lora_bytes: int) -> tuple[list[_Param], dict[str, int]]:
     """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants)."""
     full = variant == "full"
     params = [_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "embed_tokens")]
@@ -280,7 +280,7 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
             if full or name not in targets:
                 continue
             for i, (component, numel, elem_bytes, trainable) in enumerate(
-                adapter_storage(variant, out_f, in_f, r, ratio, resampled, lora_bytes)
+                adapter_storage(variant, out_f, in_f, r, ratio, keep_frozen, lora_bytes)
             ):
                 params.append(_Param(component, numel, elem_bytes, trainable, layer, f"{name}.adapter{i}"))
     params.append(_Param("bf16_weights", p.hidden_size, BASE_BYTES, full, None, "norm"))
@@ -288,7 +288,8 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
     return params, fixed
 
 
-def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, gc: bool) -> dict[str, int]:
+def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, gc: bool,
+                 masked_entries: int = 0) -> dict[str, int]:
     """Activation bytes of the backward pass's two candidate peaks (bf16, SDPA attention: no seq² term).
 
     Per token and decoder layer: Korthikanti et al. 2022's accounting of saved tensors, redone for LLaMA as
@@ -300,7 +301,9 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
       rotated q, k and v: e·(h + 2·kv); SDPA output e·h (flash/efficient kernels write it as (b, s, heads, d), so
         o_proj's input is the same storage) and logsumexp 4·heads (fp32)
       SwiGLU: gate out (SiLU input), SiLU out, up out: 3·e·i
-      LoRA x·Aᵀ per target: e·r; per layer, not per token, each target's dense A and B: e·r·(in + out)
+      LoRA x·Aᵀ per target: e·r; per layer, not per token, each target's dense A and B: e·r·(in + out), and for
+        each matrix that trains in part (`masked_entries` per layer) what its rebuild saves: the int32 gather index
+        and the bool mask, 5 B an entry
     Without checkpointing layer 0's input norm saves nothing (the embeddings are frozen), which cancels the final
     norm's 4h + 4. Checkpointed (non-reentrant): each layer's input hidden state (e·h) is kept, the final norm's
     saves (4h + 4) sit outside any checkpoint, and the layer under backward is recomputed whole. Backward working
@@ -324,7 +327,7 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
         + e * r * len(lora)
     )
     shapes = p.linear_shapes()
-    per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora)
+    per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora) + 5 * masked_entries
     layer = per_token * tokens + per_layer_fixed
     final = (norm + e * h * full) * tokens  # final RMSNorm (+ the lm_head input when the lm_head trains)
     if gc:
@@ -499,7 +502,10 @@ def plan_memory(
     # CPU a window ahead of the GPU), bounded by what the step still uses; it is reserved, not allocated.
     gather_pending = min(window, ahead - window) if cuda and gathers_allocate else 0
 
-    act = _activations(p, seq_len * micro_batch, targets, r, full, gradient_checkpointing)
+    masked = sum(n for out_f, in_f in (p.linear_shapes()[t] for t in targets if not full)
+                 for n, matrix_ratio in zip((r * in_f, out_f * r), _matrix_ratios(variant, ratio))
+                 if 0 < trainable_count(n, matrix_ratio) < n)
+    act = _activations(p, seq_len * micro_batch, targets, r, full, gradient_checkpointing, masked)
     # bitsandbytes dequantizes the whole 4-bit weight to bf16 for a matmul over many tokens, forward and backward.
     dequant = max(o * i for o, i in p.linear_shapes().values()) * BASE_BYTES if quantized else 0
     phases = {
