@@ -74,9 +74,9 @@ def main() -> int:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        a.base, dtype=torch.bfloat16, device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if cuda else None
-    )
+    # No device_map: transformers 5.x refuses one under ZeRO-3 ("DeepSpeed Zero-3 is not compatible with passing a
+    # `device_map`"), and the stock recipe passes none.
+    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.bfloat16)
     load_s = time.perf_counter() - t0
     load_peak = torch.cuda.max_memory_reserved() if cuda else None
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=PROJECTIONS,

@@ -1,0 +1,111 @@
+"""Ours against the stock recipes on the same checkpoint, in one device call, alternating.
+
+    python bench/compare.py --preset llama-65b --micro-batches 1 4 --systems lorasp hf-stock --repeats 2
+
+Each repeat runs every system once per micro-batch, in turn: timings on these machines drift by ±15% from run to
+run, so no system gets all the good minutes. Systems: `lorasp` (bench/run.py through `lorasp launch`),
+`lorasp-torchrun` (the same through `torchrun … lorasp train`), `hf-stock` (bench/baseline_hf.py) and `fsdp-qlora`
+(bench/baseline_fsdp.py). Every record goes to records.jsonl in the fixed format, plus `compare_id` and `repeat`;
+`<compare_id>.{json,md}` gives the median and range of tokens/s per GPU per system and micro-batch, peak memory, and
+our ratio to each other system. A run that fails is a row with its exit code, never a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS, append_records, context, new_run_id, write_summary  # noqa: E402
+from run import ensure_base, gpus  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+OURS = "lorasp"
+
+
+def command(system: str, preset: str, base: Path, ds: str, mbs: int, a, results: Path, run_id: str) -> list[str]:
+    if system in (OURS, "lorasp-torchrun"):
+        via = "launch" if system == OURS else "torchrun"
+        return [sys.executable, str(BENCH / "run.py"), "--configs", f"{preset}:{ds}:{mbs}", "--via", via,
+                "--steps", str(a.steps), "--seq-len", str(a.seq_len), "--rank", str(a.rank), "--work", a.work,
+                "--results", str(results), "--run-id", run_id]
+    script = {"hf-stock": "baseline_hf.py", "fsdp-qlora": "baseline_fsdp.py"}[system]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus()), str(BENCH / script),
+            "--base", str(base), "--preset", preset, "--micro-batch", str(mbs), "--steps", str(a.steps),
+            "--seq-len", str(a.seq_len), "--rank", str(a.rank), "--results", str(results), "--run-id", run_id]
+
+
+def summarize(records: list[dict], failures: list[dict]) -> list[dict]:
+    rows = []
+    keys = sorted({(r["system_label"], r["micro_batch"]) for r in records}, key=lambda k: (k[1], k[0] != OURS, k[0]))
+    for label, mbs in keys:
+        runs = [r for r in records if (r["system_label"], r["micro_batch"]) == (label, mbs)]
+        tps = [r["tokens_per_s_per_gpu"] for r in runs]
+        rows.append({
+            "system": label, "micro_batch": mbs, "runs": len(runs), "tokens_per_s_per_gpu": statistics.median(tps),
+            "tokens_per_s_lo": min(tps), "tokens_per_s_hi": max(tps), "mfu": statistics.median(r["mfu"] for r in runs),
+            "peak_reserved_gib": max(r["peak_reserved_gib"] or 0 for r in runs),
+            "peak_nvml_gib": max(r["peak_nvml_gib"] or 0 for r in runs),
+        })
+    for row in rows:
+        ours = next((r for r in rows if r["system"] == OURS and r["micro_batch"] == row["micro_batch"]), None)
+        row["ours_over_this"] = ours["tokens_per_s_per_gpu"] / row["tokens_per_s_per_gpu"] if ours else None
+    rows += [{"system": f["system_label"], "micro_batch": f["micro_batch"], "runs": 0, "failed": f["returncode"]}
+             for f in failures]
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-65b")
+    p.add_argument("--ds-config", default="zero3")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1])
+    p.add_argument("--systems", nargs="+", default=[OURS, "hf-stock"],
+                   choices=[OURS, "lorasp-torchrun", "hf-stock", "fsdp-qlora"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--work", default="/tmp/lorasp-bench")
+    p.add_argument("--results", default=str(RESULTS))
+    a = p.parse_args()
+
+    compare_id = new_run_id(f"compare-{a.preset}")
+    ctx = context(compare_id)
+    base = ensure_base(a.preset, Path(a.work) / "bases")
+    records, failures = [], []
+    for repeat in range(a.repeats):
+        for mbs in a.micro_batches:
+            for system in a.systems:
+                run_id = f"{compare_id}-{system}-mbs{mbs}-r{repeat}"
+                with tempfile.TemporaryDirectory() as tmp:
+                    print(f"[compare] {run_id}", flush=True)
+                    proc = subprocess.run(command(system, a.preset, base, a.ds_config, mbs, a, Path(tmp), run_id))
+                    found = Path(tmp) / "records.jsonl"
+                    lines = found.read_text().splitlines() if found.is_file() else []
+                    if proc.returncode != 0 or not lines:
+                        failures.append({"system_label": system, "micro_batch": mbs, "returncode": proc.returncode})
+                        continue
+                    for line in lines:
+                        rec = json.loads(line)
+                        records.append({**rec, "system_label": system, "compare_id": compare_id, "repeat": repeat})
+    if records:
+        append_records(records, Path(a.results))
+    rows = summarize(records, failures)
+    cols = ["system", "micro_batch", "runs", "tokens_per_s_per_gpu", "tokens_per_s_lo", "tokens_per_s_hi", "mfu",
+            "peak_reserved_gib", "peak_nvml_gib", "ours_over_this", "failed"]
+    notes = [f"{a.preset}, {a.ds_config}, seq {a.seq_len}, r={a.rank} on all seven projections, gradient "
+             f"checkpointing, {a.steps} steps a run (the first 3 are warm-up), {a.repeats} alternating repeats",
+             "ours_over_this: our median tokens/s per GPU over this row's, at the same micro-batch"]
+    write_summary(compare_id, ctx, rows, cols, Path(a.results), notes)
+    print(json.dumps(rows, indent=1))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
