@@ -236,7 +236,7 @@ def test_adapter_bytes_by_hand_and_lorasp_within_55_percent_of_lora():
     assert offloaded.gpu["lorasp_frozen"] == 0 and offloaded.host["offloaded_params"] > 0
     # The table shows the comparison.
     table = format_plan_table(plan("llama-65b", 2))
-    assert "adapter bytes per rank (GPU + host)" in table and "0.53× plain LoRA's 1.86 GiB" in table
+    assert "adapter bytes per rank (GPU + host, GiB)" in table and "0.53× plain LoRA's 1.86 GiB" in table
 
 
 @pytest.mark.parametrize("variant, resample_every", [("lorasp", 0), ("lorasp", 5), ("lora", 0), ("lora-fa", 0)])
@@ -382,6 +382,14 @@ def test_cluster_total_against_full_finetune():
     print(f"llama-65b on 2 GPUs: cluster {p.cluster_total / 1e9:.1f} GB vs full fine-tune "
           f"{p.full_ft_bytes / 1e12:.3f} TB = {100 * ratio:.2f}%")
     assert ratio < 0.08
+    # Like with like: the full fine-tune's figure counts no runtime, so the plan's ratio leaves out each rank's
+    # (the process base and the CUDA context here; on CPU also the imports and the engine's fixed overhead).
+    runtime = p.host["process_base"] + p.gpu["cuda_context"]
+    assert p.full_ft_ratio == (p.cluster_total - 2 * runtime) / p.full_ft_bytes
+    tiny = plan("tiny", 2, device="cpu")
+    runtime = sum(tiny.host[k] for k in ("process_base", "library_imports", "runtime_overhead"))
+    assert tiny.full_ft_ratio == (tiny.cluster_total - 2 * runtime) / tiny.full_ft_bytes
+    assert "without the runtime" in format_plan_table(tiny)
 
 
 def test_plan_round_trips_and_has_stable_keys():

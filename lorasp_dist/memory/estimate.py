@@ -88,6 +88,7 @@ HOST_COMPONENTS = ("process_base", "offloaded_optimizer", "offloaded_params", "p
 # fixed reduce_bucket_size buffer, the same for every variant) and the dense A and B rebuilt at each forward
 # (activations).
 ADAPTER_TERMS = ("params", "frozen", "masks", "gradients", "optimizer")
+RUNTIME_COMPONENTS = ("cuda_context", "process_base", "library_imports", "runtime_overhead")
 _ADAPTER_COMPONENTS = {"lorasp_params": "params", "lorasp_frozen": "frozen", "lorasp_masks": "masks"}
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py) for keys a template leaves out.
@@ -143,8 +144,16 @@ class MemoryPlan:
         return (self.gpu_total + self.host_total) * self.world_size
 
     @property
+    def runtime_per_rank(self) -> int:
+        """What a rank pays before it holds a tensor: Python, torch and the libraries, the CUDA context."""
+        return sum(self.gpu.get(k, 0) + self.host.get(k, 0) for k in RUNTIME_COMPONENTS)
+
+    @property
     def full_ft_ratio(self) -> float:
-        return self.cluster_total / self.full_ft_bytes if self.full_ft_bytes else math.nan
+        """The cluster total against a full fine-tune, like with like: the full fine-tune's figure counts no
+        runtime, so neither does this side."""
+        ours = self.cluster_total - self.runtime_per_rank * self.world_size
+        return ours / self.full_ft_bytes if self.full_ft_bytes else math.nan
 
     @property
     def adapter_total(self) -> int:

@@ -28,6 +28,7 @@ from lorasp_dist.memory.estimate import (
     plan_for_config,
 )
 from lorasp_dist.presets import PRESETS
+from lorasp_dist.sizes import GiB, MiB
 
 MICRO_BATCHES = (16, 8, 4, 2, 1)
 EXIT_FITS, EXIT_ANOTHER_FITS, EXIT_NOTHING_FITS = 0, 1, 3
@@ -127,12 +128,13 @@ def adapter_line(plan: MemoryPlan) -> str | None:
     """What the adapter costs a rank, and for lorasp and lora-fa how that compares with plain LoRA's."""
     if plan.variant == "full":
         return None
-    parts = " + ".join(f"{k} {gib(v):.2f}" for k, v in plan.adapter.items())
-    line = f"adapter bytes per rank (GPU + host): {parts} = {gib(plan.adapter_total):.2f} GiB"
+    unit, size = ("GiB", GiB) if plan.adapter_total >= GiB // 10 else ("MiB", MiB)  # tiny models: MiB
+    parts = " + ".join(f"{k} {v / size:.2f}" for k, v in plan.adapter.items())
+    line = f"adapter bytes per rank (GPU + host, {unit}): {parts} = {plan.adapter_total / size:.2f} {unit}"
     if plan.variant != "lora":
         lora = plan.replan(variant="lora")
-        line += (f" = {plan.adapter_total / lora.adapter_total:.2f}× plain LoRA's {gib(lora.adapter_total):.2f} GiB "
-                 "(variant=lora: peft's dense A and B)")
+        line += (f" = {plan.adapter_total / lora.adapter_total:.2f}× plain LoRA's {lora.adapter_total / size:.2f} "
+                 f"{unit} (variant=lora: peft's dense A and B)")
     return line
 
 
@@ -160,10 +162,12 @@ def format_plan_table(plan: MemoryPlan, budget: Budget | None = None) -> str:
     n = plan.counts.get("num_params", 0)
     states = 16 * n
     out.append(
-        f"cluster: {gib(plan.cluster_total):.1f} GiB (GPU + host, {plan.world_size} ranks) = "
+        f"cluster: {gib(plan.cluster_total):.1f} GiB (GPU + host, {plan.world_size} ranks); without the runtime "
+        f"({gib(plan.runtime_per_rank):.2f} GiB a rank: Python, torch, the CUDA context) "
+        f"{gib(plan.cluster_total - plan.runtime_per_rank * plan.world_size):.1f} GiB = "
         f"{100 * plan.full_ft_ratio:.1f}% of a full fine-tune's {plan.full_ft_bytes / 1e12:.3f} TB "
         f"(16 B × {n / 1e9:.2f}e9 params = {states / 1e12:.3f} TB + "
-        f"{gib(plan.full_ft_breakdown.get('activations', 0)):.1f} GiB activations)"
+        f"{gib(plan.full_ft_breakdown.get('activations', 0)):.1f} GiB activations, no runtime)"
     )
     if plan.variant == "lorasp":
         lora = plan.replan(variant="lora")
