@@ -57,8 +57,8 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from lorasp_dist.engine.ds_config import load_template
-    from lorasp_dist.model.presets import PRESETS
+    from lorasp_dist.ds_config import load_template
+    from lorasp_dist.presets import PRESETS
 
     cuda = torch.cuda.is_available()
     ds = load_template(a.ds_config)

@@ -67,7 +67,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def collect(run_dir: Path, n: int, preset: str) -> dict:
-    from lorasp_dist.model.presets import PRESETS
+    from lorasp_dist.presets import PRESETS
 
     steps = {r["step"]: r for r in read_jsonl(run_dir / "metrics" / "rank0.jsonl")}
     steady = [steps[s]["tokens_per_s"] / n for s in sorted(steps) if s > WARMUP]

@@ -26,6 +26,7 @@ from pathlib import Path
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
 EXIT_FAILED = 1  # the run failed, and went on failing through launcher.max_failures restarts: see RUN_DIR/logs
@@ -91,23 +92,15 @@ def _check_world_size(run_dir: Path, workers: int) -> None:
 
 # --- memory plan and dry run -------------------------------------------------------------------------------------
 
-def memory_plan(cfg: RunConfig, gpu_mem: int | str | None) -> tuple[bool, str] | None:
-    """(fits, table) from the analytic memory model, or None where it is not available."""
-    try:
-        from lorasp_dist.memory.plan import check_fits
-    except ImportError:
-        return None
-    return check_fits(cfg, cfg.launcher.num_workers, gpu_mem, cfg.memory.host_mem)
-
-
-def check_memory(cfg: RunConfig, gpu_mem: int | str | None) -> None:
-    verdict = memory_plan(cfg, gpu_mem)
-    if verdict and not verdict[0]:
-        print(verdict[1], file=sys.stderr)
+def check_memory(cfg: RunConfig, gpu_mem: int | None = None) -> None:
+    """Refuse a run that the memory plan says does not fit, with its headroom (`lorasp plan` prints the table).
+    `gpu_mem`: one GPU's memory read on the cluster, when memory.gpu_mem is not set."""
+    why = shortfall(*launch_plan(cfg, gpu_mem))
+    if why:
         raise ConfigError(
-            f"launcher.num_workers = {cfg.launcher.num_workers}: the memory plan above does not fit; add workers, "
-            "offload (deepspeed.config=zero3_offload_optimizer or zero3_offload_all), lower train.micro_batch_size, "
-            "or pass --force"
+            f"launcher.num_workers = {cfg.launcher.num_workers}: the memory plan does not fit: {why}; `lorasp plan` "
+            "shows the table and a setting that fits: offload (deepspeed.config=zero3_offload_optimizer or "
+            "zero3_offload_all), lower train.micro_batch_size, add workers, or pass --force"
         )
 
 
@@ -131,9 +124,8 @@ def dry_run(plan: LaunchPlan) -> int:
     print(plan.cfg.to_yaml(), end="")
     print("\n# placement")
     print(describe(plan))
-    verdict = memory_plan(plan.cfg, plan.cfg.memory.gpu_mem)
     print("\n# memory plan")
-    print(verdict[1] if verdict else "(no memory plan available)")
+    print(format_plan_table(*launch_plan(plan.cfg)))
     return EXIT_OK
 
 
@@ -145,6 +137,8 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
     plan = make_plan(cfg, resume)
     if dry:
         return dry_run(plan)
+    if not force:
+        check_memory(plan.cfg)  # before Ray starts: memory.gpu_mem and memory.host_mem need no cluster
 
     import ray
 
@@ -156,8 +150,8 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
         stop.install()
         try:
             check_resources(plan.cfg)
-            if not force:
-                check_memory(plan.cfg, gpu_memory(plan.cfg))
+            if not force and plan.cfg.launcher.gpus_per_worker and plan.cfg.memory.gpu_mem is None:
+                check_memory(plan.cfg, gpu_memory(plan.cfg))  # against the GPUs' size, read on the cluster
             check_shared_storage(plan.storage)
             preflight(plan.cfg)  # data, tokenizer, base: bad input ends here, not in max_failures restarts of the group
             return _run(plan, command, stop)

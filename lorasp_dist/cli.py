@@ -176,13 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=None)
     t.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("plan", help="predict memory per rank before launch, and find the fastest setting that fits")
+    p = sub.add_parser(
+        "plan", help="predict memory per rank before launch, and find the fastest setting that fits",
+        description="Predict memory per rank and check it against --gpu-mem/--host-mem, keeping headroom "
+        "(memory.headroom_fraction, memory.headroom_min: 5%% and 1GiB). Exit codes: 0 fits (or no size given), "
+        "1 does not fit but another setting does (printed), 2 bad input, 3 nothing searched fits.",
+    )
     p.add_argument("config", nargs="?", help="run config YAML (or use --preset)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--preset", help="a model preset instead of a config")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (ranks)")
-    p.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GiB or 24GB")
-    p.add_argument("--host-mem", default=None, help="host memory per node, e.g. 512GiB")
+    p.add_argument("--gpu-mem", default=None, help="memory.gpu_mem: memory per GPU with a unit, e.g. 80GiB or 24GB")
+    p.add_argument("--host-mem", default=None, help="memory.host_mem: host memory per node, e.g. 512GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

@@ -7,12 +7,22 @@ thing is validated. Every error is a `ConfigError` whose message names the field
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
+from lorasp_dist.sizes import GiB, format_size, parse_size
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
@@ -20,6 +30,10 @@ DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
 
 class ConfigError(ValueError):
     """A bad setting. The message is one line per problem: `field = value: what is accepted`."""
+
+
+# A memory size: written "80GiB" in YAML and on the command line, bytes once validated, written back as "80GiB".
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size)]
 
 
 class _Section(BaseModel):
@@ -125,8 +139,12 @@ class LauncherConfig(_Section):
 class MemoryConfig(_Section):
     enabled: bool = True
     sample_interval_s: float = Field(0.5, gt=0)
-    gpu_mem: str | None = None  # for `plan`: per-GPU memory, e.g. 80GiB
-    host_mem: str | None = None
+    gpu_mem: Size | None = Field(None, gt=0)  # for `plan` and `launch`: memory per GPU, e.g. 80GiB
+    host_mem: Size | None = Field(None, gt=0)  # host memory per node, e.g. 512GiB
+    # A plan fits when it leaves max(headroom_fraction × capacity, headroom_min) free, on the GPU and on the host:
+    # what the allocator, NCCL and the other processes of a node take beyond the plan's terms.
+    headroom_fraction: float = Field(0.05, ge=0, lt=1)
+    headroom_min: Size = Field(GiB, ge=0)
     record_history_steps: list[int] = Field(default_factory=list)  # [K] records a CUDA snapshot for steps K..K+2
 
 

@@ -84,7 +84,7 @@ def test_no_target_matching_through_the_cli(capsys):
     from transformers import LlamaForCausalLM
 
     from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp
-    from lorasp_dist.model.presets import PRESETS
+    from lorasp_dist.presets import PRESETS
 
     model = LlamaForCausalLM(PRESETS["tiny"].hf_config())
     with pytest.raises(ConfigError, match="lorasp.target_modules = 'wq'"):

@@ -20,7 +20,7 @@ from lorasp_dist.data import PROMPT_TEMPLATE
 from lorasp_dist.evaluate import evaluate, read_records
 from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp, export_peft_adapter, lorasp_layers
 from lorasp_dist.model.gguf_import import GGUFImportError, packaged_gguf
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -357,11 +357,18 @@ def test_existing_run_dir_needs_resume(ray_env, tmp_path):
 def test_cluster_too_small(ray_env, tmp_path):
     proc = launch(ray_env, f"train.output_dir={tmp_path}", "--num-workers", "64", timeout=120)
     _assert_usage_error(proc, "launcher.num_workers = 64: needs 64 CPU")
-    # the memory plan (host memory here; GPU memory is read from the cluster on GPU runs) refuses with its table
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=1MiB", timeout=120)
-    _assert_usage_error(proc, "the memory plan above does not fit")
-    assert "total" in proc.stderr  # the table
-    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_memory_plan_refuses_before_ray_starts(ray_env, tmp_path):
+    """memory.gpu_mem and memory.host_mem need no cluster: a run they cannot hold (with headroom) ends in one line
+    before Ray starts. The address answers nothing, so reaching it would be a different error."""
+    address = ["--address", "127.0.0.1:1"]
+    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=2GiB", *address, timeout=120)
+    _assert_usage_error(proc, "the memory plan does not fit: needs")
+    assert "GiB headroom, has 2.0 GiB" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir()) and not ray_pids(ray_env["RAY_TMPDIR"])
+    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=2GiB", "--force", *address, timeout=120)
+    _assert_usage_error(proc, "launcher.address = '127.0.0.1:1'")  # --force: on to the cluster
 
 
 def test_dry_run_starts_nothing(ray_env, tmp_path):

@@ -20,7 +20,7 @@ from lorasp_dist.lorasp import (
     resample_masks,
 )
 from lorasp_dist.lorasp.masks import draw_mask, mask_generator, trainable_count
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The memory report of a real 2-rank ZeRO-3 CPU run, and the analytic model's host prediction against it.
 
-The CPU constants of lorasp_dist/memory/model.py were calibrated on seq 128 × micro-batch 2 and seq 512 × micro-batch 4
-(zero3, gradient checkpointing on). These runs use other shapes, DeepSpeed configs and checkpointing, so the ±20% check
-tests the model, not the fit. CPU is noisy: the 20% bar is the acceptance line, the GPU one is stricter.
+The CPU constants of lorasp_dist/memory/estimate.py were calibrated on seq 128 × micro-batch 2 and seq 512 ×
+micro-batch 4 (zero3, gradient checkpointing on). These runs use other shapes, DeepSpeed configs and checkpointing, so
+the ±20% check tests the model, not the fit. CPU is noisy: the 20% bar is the acceptance line, the GPU one is stricter.
 """
 
 from __future__ import annotations

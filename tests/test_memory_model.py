@@ -7,44 +7,45 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaForCausalLM
 
 from lorasp_dist.cli import main
-from lorasp_dist.config import ConfigError, load_config, make_lorasp_config
+from lorasp_dist.config import RunConfig, load_config, make_lorasp_config
+from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.lorasp import apply_lorasp
-from lorasp_dist.memory.model import (
+from lorasp_dist.memory.estimate import (
     CPU_IMPORT_BYTES,
     CPU_RUNTIME_BYTES,
     GPU_COMPONENTS,
     HOST_COMPONENTS,
     PROCESS_BASE_BYTES,
     MemoryPlan,
+    adapter_storage,
     full_finetune_bytes,
-    parse_size,
     plan_for_config,
     plan_memory,
 )
-from lorasp_dist.memory.plan import check_fits, format_plan_table, search_fitting
-from lorasp_dist.model.presets import PRESETS, Preset
+from lorasp_dist.memory.plan import Budget, fits, format_plan_table, search_fitting
+from lorasp_dist.presets import PRESETS, Preset
+from lorasp_dist.sizes import format_size, parse_size
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
 
+
+def preset_config(preset: str, *overrides: str) -> RunConfig:
+    """A run config for a preset at its own sequence length (up to 2048), as `lorasp plan --preset` builds it."""
+    seq = min(2048, PRESETS[preset].max_position_embeddings)
+    return load_config(None, [f"model.preset={preset}", f"data.seq_len={seq}", *overrides])
+
+
+def plan(preset: str, world_size: int, *overrides: str, device: str = "cuda") -> MemoryPlan:
+    return plan_for_config(preset_config(preset, *overrides), world_size, device=device)
+
 # llama-65b: h = 8192, i = 22016, 80 layers, vocab 32000.
 LINEAR_65B = 80 * (4 * 8192**2 + 3 * 8192 * 22016)  # 64,760,053,760 weights in the 7 projections
 PARAMS_65B = LINEAR_65B + 80 * 2 * 8192 + 2 * 32000 * 8192 + 8192  # + norms, embeddings, lm_head, final norm
-
-
-def test_parse_size():
-    assert parse_size("80GiB") == 80 * GiB
-    assert parse_size("24GB") == 24 * 10**9
-    assert parse_size("512MiB") == 512 * 2**20
-    assert parse_size("1.5TiB") == int(1.5 * 2**40)
-    assert parse_size("4096") == 4096
-    assert parse_size("24 gb") == 24 * 10**9
-    for bad in ("24 gigs", "", "-1GiB", "0", "1.5", "GiB", "12XB"):
-        with pytest.raises(ConfigError, match="--gpu-mem = .*accepted"):
-            parse_size(bad, "--gpu-mem")
 
 
 def test_llama65b_4bit_weights_by_hand():
@@ -53,13 +54,13 @@ def test_llama65b_4bit_weights_by_hand():
     assert LINEAR_65B == 64_760_053_760
     packed = LINEAR_65B // 2
     constants = LINEAR_65B // 64 + 4 * LINEAR_65B // (64 * 256) + 80 * 7 * (16 * 4 + 256 * 4 + 4)
-    plan = plan_memory("llama-65b", 1)  # one rank holds the whole partition
-    assert plan.gpu["base_weights_4bit"] == packed
-    assert plan.gpu["quant_constants"] == constants
+    one = plan("llama-65b", 1)  # one rank holds the whole partition
+    assert one.gpu["base_weights_4bit"] == packed
+    assert one.gpu["quant_constants"] == constants
     total = packed + constants
     assert 32e9 < total < 35e9, total  # ≈ 0.516 B/weight: 33.4 GB
     # ZeRO-3 splits the packed storage across ranks but every rank holds all of the quant constants.
-    two = plan_memory("llama-65b", 2)
+    two = plan("llama-65b", 2)
     assert two.gpu["base_weights_4bit"] == packed // 2
     assert two.gpu["quant_constants"] == constants
 
@@ -75,23 +76,28 @@ def test_full_finetune_is_16_bytes_per_param():
 
 def test_tiny_cpu_plan_by_hand():
     """tiny: h=128, i=256, 4 layers, 4 heads, vocab 1024; 2 ranks, zero3, micro-batch 1, seq 256, CPU."""
-    plan = plan_memory("tiny", 2, seq_len=256, device="cpu")
-    assert not any(plan.gpu.values()) and plan.gpu_total == 0
-    host = plan.host
-    # Every 4-bit projection has at most 8192 storage elements (256×128/4), under the 1e5 persistence threshold:
+    tiny = plan("tiny", 2, "data.seq_len=256", device="cpu")
+    assert not any(tiny.gpu.values()) and tiny.gpu_total == 0
+    host = tiny.host
+    # Every 4-bit projection has at most 8192 storage elements (256×128/4), under the 1e4 persistence threshold:
     # ZeRO-3 keeps it whole on every rank beside its half partition. 163,840 weights per layer -> 81,920 B packed.
     assert host["base_weights_4bit"] == 4 * (81_920 + 40_960)
     # absmax 163,840/64 = 2560 B; nested fp32 absmax: 1 per q/k/v/o (256 blocks), 2 per gate/up/down (512 blocks);
     # code tables 7 × 1092 B.
     assert host["quant_constants"] == 4 * (2560 + 4 * (4 * 1 + 3 * 2) + 7 * 1092)
-    # Embeddings and lm_head (131,072 > 1e5 elements) are partitioned; the 9 norms (128) are persistent.
+    # Embeddings and lm_head (131,072 > 1e4 elements) are partitioned; the 9 norms (128) are persistent.
     assert host["bf16_weights"] == 2 * 65_536 * 2 + 9 * (128 + 64) * 2
     # LoRA-SP r=16: per layer A+B of q,k,v,o = 4 × (2048 + 2048) entries, of gate/up = 2048 + 4096, down = 4096 + 2048;
-    # half of each trains: 17,408 per layer, 69,632 in all, each persistent (whole + half partition, bf16).
-    assert plan.counts["trainable_params"] == 69_632
+    # half of each trains: 17,408 per layer, 69,632 in all, packed in one parameter per matrix (1024 or 2048
+    # entries), each persistent (whole + half partition, bf16).
+    assert tiny.counts["trainable_params"] == 69_632
     assert host["lorasp_params"] == (69_632 + 34_816) * 2
-    assert host["lorasp_frozen"] == 69_632 * 2  # the other half, bf16 buffers on every rank
-    assert host["lorasp_masks"] == 4 * 139_264  # the int32 slot map: 4 B per entry of A and B
+    # The frozen half of A (1024 entries of q,k,v,o, gate and up, 2048 of down: 8192 per layer) is stored, persistent
+    # too; B's frozen half is zero and not stored.
+    assert host["lorasp_frozen"] == (4 * 8192 + 2 * 8192) * 2
+    # One bit per entry, one mask per matrix: 2048 / 8 = 256 B, 4096 / 8 = 512 B; uint8, persistent (whole + half):
+    # q,k,v,o 2 × 256 B each, gate/up/down 256 + 512 B each.
+    assert host["lorasp_masks"] == 4 * (4 * 2 * (256 + 128) + 3 * ((256 + 128) + (512 + 256)))
     assert host["optimizer_states"] == 12 * 34_816  # fp32 master + m + v of this rank's half
     # bf16 grad partition + the reduce bucket (only the 69,632 elements gradients fill are resident on CPU) + fp32 grad
     assert host["gradients"] == 2 * 34_816 + 2 * 69_632 + 4 * 34_816
@@ -100,7 +106,7 @@ def test_tiny_cpu_plan_by_hand():
     assert host["activations"] == 4 * 2 * 128 * 256 + (4 * 128 + 4) * 256
     # The peak is the loss: fp32 log-softmax saved + its grad + the input grad (4 + 4 + 4 B) × vocab × T,
     # with the lm_head gathered whole (1024 × 128 bf16); every decoder layer is persistent, so nothing else gathers.
-    assert plan.peak_phase == "loss"
+    assert tiny.peak_phase == "loss"
     assert host["logits"] == 12 * 1024 * 256
     assert host["zero3_gather_buffers"] == 1024 * 128 * 2
     assert host["dequant_transient"] == 0
@@ -111,10 +117,14 @@ def test_tiny_cpu_plan_by_hand():
     assert host["runtime_overhead"] == CPU_RUNTIME_BYTES
     assert host["allocator_retention"] == int(2.35 * 12 * 1024 * 256)
     runtime = host["library_imports"] + CPU_RUNTIME_BYTES + host["allocator_retention"]
-    # 491,520 + 40,976 + 265,600 + 208,896 + 139,264 + 557,056 + 348,160 + 417,792 + 262,144 + 394,240 + 3,145,728
-    assert plan.host_total == PROCESS_BASE_BYTES["cpu"] + 6_271_376 + runtime
+    # 491,520 + 40,976 + 265,600 + 208,896 + 98,304 + 26,112 + 348,160 + 417,792 + 262,144 + 394,240 + 3,145,728
+    assert tiny.host_total == PROCESS_BASE_BYTES["cpu"] + 5_699_472 + runtime
+    # The adapter's bytes: its parameters, frozen half of A, masks, bf16 + fp32 gradients of the trainable half and
+    # Adam's 12 B per trainable entry; not the reduce bucket.
+    assert tiny.adapter == {"params": 208_896, "frozen": 98_304, "masks": 26_112, "gradients": 6 * 34_816,
+                            "optimizer": 12 * 34_816}
     # A 4-bit base is what imports bitsandbytes; a bf16 one (variant=full) does not.
-    full = plan_memory("tiny", 2, seq_len=256, device="cpu", variant="full")
+    full = plan("tiny", 2, "data.seq_len=256", "lorasp.variant=full", device="cpu")
     assert full.host["library_imports"] == CPU_IMPORT_BYTES["transformers_models"]
 
 
@@ -122,11 +132,12 @@ def test_activations_per_layer_by_hand():
     # Per token, tiny (h=128, kv=128, i=256, 4 heads, r=16, 7 targets, bf16): norms 2·(4h + 4) (fp32 upcast and
     # rsqrt), q/k/v input 2h, rotated q, k and v 2·3h, SDPA output (= o_proj input) 2h + logsumexp 4·4, gate/up
     # input 2h, gate/SiLU/up outputs 3·2i, down input 2i, LoRA x·Aᵀ 7·2r = 4856 B;
-    # per layer the dense A and B: 2·r·Σ(in + out) = 69,632 B.
+    # per layer the dense A and B: 2·r·Σ(in + out) = 69,632 B, and what rebuilding each half-trained matrix saves
+    # (an int32 index and a bool mask, 5 B an entry): 5 × 34,816 entries.
     per_token = 2 * (4 * 128 + 4) + 2 * 128 + 6 * 128 + 2 * 128 + 16 + 2 * 128 + 6 * 256 + 2 * 256 + 14 * 16
     assert per_token == 4856
-    plan = plan_memory("tiny", 1, seq_len=256, device="cpu")
-    assert plan.counts["activations_per_layer"] == per_token * 256 + 2 * 16 * (4 * 256 + 3 * 384)
+    one = plan("tiny", 1, "data.seq_len=256", device="cpu")
+    assert one.counts["activations_per_layer"] == per_token * 256 + 2 * 16 * (4 * 256 + 3 * 384) + 5 * 34_816
 
 
 def _saved_tensor_bytes(preset: Preset, tokens: int) -> int:
@@ -157,29 +168,99 @@ def test_activations_match_saved_tensors():
     two, three = Preset(num_hidden_layers=2, **shape), Preset(num_hidden_layers=3, **shape)
     tokens = 128
     saved2, saved3 = _saved_tensor_bytes(two, tokens), _saved_tensor_bytes(three, tokens)
-    plan = plan_memory(two, 1, seq_len=tokens, gradient_checkpointing=False, device="cpu")
-    assert saved3 - saved2 == plan.counts["activations_per_layer"]
+    ds = build_ds_config(load_config(), 1)
+    two_plan = plan_memory(two, 1, ds=ds, seq_len=tokens, gradient_checkpointing=False, device="cpu")
+    assert saved3 - saved2 == two_plan.counts["activations_per_layer"]
     # The whole forward: stored activations + log_softmax's fp32 output; rotary cos/sin and labels are left out.
-    predicted = plan.counts["activations_stored"] + plan.counts["logits_saved"]
-    assert plan.counts["logits_saved"] == 4 * 1024 * tokens
+    predicted = two_plan.counts["activations_stored"] + two_plan.counts["logits_saved"]
+    assert two_plan.counts["logits_saved"] == 4 * 1024 * tokens
     assert predicted == pytest.approx(saved2, rel=0.01)
 
 
 def test_lora_vs_lorasp_optimizer_halves():
-    sp = plan_memory("llama-65b", 2)
-    lora = plan_memory("llama-65b", 2, variant="lora")
+    sp = plan("llama-65b", 2)
+    lora = plan("llama-65b", 2, "lorasp.variant=lora")
     ratio = sp.gpu["optimizer_states"] / lora.gpu["optimizer_states"]
     assert ratio == pytest.approx(0.5, abs=0.01)
     assert sp.counts["trainable_params"] * 2 == lora.counts["trainable_params"]
-    assert lora.gpu["lorasp_frozen"] == 0  # plain LoRA freezes nothing of A and B
-    fa = plan_memory("llama-65b", 2, variant="lora-fa")
+    assert lora.gpu["lorasp_frozen"] == lora.gpu["lorasp_masks"] == 0  # peft's layout: A and B, all trainable
+    fa = plan("llama-65b", 2, "lorasp.variant=lora-fa")
     assert fa.gpu["optimizer_states"] < lora.gpu["optimizer_states"]
+    assert fa.gpu["lorasp_masks"] == 0 and fa.gpu["lorasp_frozen"] > 0  # A frozen whole, stored; no mask
+
+
+# (out_features, in_features) of the seven projections of a decoder layer (80 layers in both).
+SHAPES = {
+    # llama-65b: h 8192, i 22016
+    "llama-65b": [(8192, 8192)] * 4 + [(22016, 8192)] * 2 + [(8192, 22016)],
+    # llama2-70b: h 8192, i 28672, k and v 1024 wide (8 KV heads)
+    "llama2-70b": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192)] + [(28672, 8192)] * 2 + [(8192, 28672)],
+}
+
+
+def adapter_bytes_by_hand(preset: str, r: int, world: int, variant: str) -> int:
+    """One rank's adapter bytes over the 80 layers. ZeRO-3 gives each rank 1/world of every tensor (each count here
+    divides), and a tensor of at most 10,000 elements (stage3_param_persistence_threshold) also whole on every rank.
+    A trainable entry of a rank's partition costs 18 B beyond its bf16 value: 2 (bf16 gradient) + 4 (fp32 gradient)
+    + 12 (fp32 master, Adam m and v)."""
+    def held(n: int, elem: int) -> int:
+        return elem * (n // world + (n if n <= 10_000 else 0))
+
+    total = 0
+    for out_f, in_f in SHAPES[preset]:
+        for n, zero_init in ((r * in_f, False), (out_f * r, True)):  # A, then B
+            if variant == "lora":  # peft: the dense matrix, trainable
+                total += held(n, 2) + 18 * n // world
+                continue
+            # lorasp: half trains; the frozen half is stored (bf16) unless it is B's zeros; a bit per entry of mask
+            total += held(n // 2, 2) + 18 * (n // 2) // world + held(n // 2, 2) * (not zero_init) + held(n // 8, 1)
+    return 80 * total
+
+
+def test_adapter_bytes_by_hand_and_lorasp_within_55_percent_of_lora():
+    # llama-65b, r=16, 2 ranks, written out: A 91,095,040 and B 108,789,760 entries; LoRA 20 B × 199,884,800 / 2;
+    # LoRA-SP 20 B × 99,942,400 / 2 + 2 B × 45,547,520 / 2 + 24,985,600 B of masks / 2.
+    assert adapter_bytes_by_hand("llama-65b", 16, 2, "lora") == 1_998_848_000
+    assert adapter_bytes_by_hand("llama-65b", 16, 2, "lorasp") == 999_424_000 + 45_547_520 + 12_492_800
+    for preset in SHAPES:
+        for r in (16, 64):
+            for world in (2, 8):
+                sp = plan(preset, world, f"lorasp.r={r}")
+                lora = sp.replan(variant="lora")
+                assert sp.adapter_total == adapter_bytes_by_hand(preset, r, world, "lorasp"), (preset, r, world)
+                assert lora.adapter_total == adapter_bytes_by_hand(preset, r, world, "lora"), (preset, r, world)
+                assert sp.adapter_total <= 0.55 * lora.adapter_total, (preset, r, world)
+    # Offloading moves the same bytes to the host: the adapter's total does not change.
+    offloaded = plan("llama-65b", 2, "deepspeed.config=zero3_offload_all")
+    assert offloaded.adapter_total == adapter_bytes_by_hand("llama-65b", 16, 2, "lorasp")
+    assert offloaded.gpu["lorasp_frozen"] == 0 and offloaded.host["offloaded_params"] > 0
+    # The table shows the comparison.
+    table = format_plan_table(plan("llama-65b", 2))
+    assert "adapter bytes per rank (GPU + host, GiB)" in table and "0.53× plain LoRA's 1.86 GiB" in table
+
+
+@pytest.mark.parametrize("variant, resample_every", [("lorasp", 0), ("lorasp", 5), ("lora", 0), ("lora-fa", 0)])
+def test_plan_counts_what_the_layer_stores(variant, resample_every):
+    """adapter_storage against the real layer's parameters (bytes and trainable, order-free): what ZeRO-3 partitions.
+    The layer's only buffer, an 8-byte bit table per matrix, is left out of both."""
+    out_f, in_f = 96, 64
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(in_f, out_f, bias=False))
+    cfg = make_lorasp_config(r=8, variant=variant, resample_every=resample_every, target_modules=["q_proj"])
+    apply_lorasp(model, cfg)
+    model.to(torch.bfloat16)
+    own = [p for n, p in model.named_parameters() if "base_layer" not in n and p.numel()]
+    measured = sorted((p.numel() * p.element_size(), p.requires_grad) for p in own)
+    planned = sorted((n * e, trainable) for _, n, e, trainable in
+                     adapter_storage(variant, out_f, in_f, 8, 0.5, keep_frozen=resample_every > 0))
+    assert measured == planned
+    assert [n for n, _ in model.named_buffers()] == ["q_proj.lora_A.bit_values", "q_proj.lora_B.bit_values"]
 
 
 def test_offload_moves_optimizer_to_host():
-    on_gpu = plan_memory("llama-65b", 2, ds_config="zero3")
-    opt = plan_memory("llama-65b", 2, ds_config="zero3_offload_optimizer")
-    everything = plan_memory("llama-65b", 2, ds_config="zero3_offload_all")
+    on_gpu = plan("llama-65b", 2, "deepspeed.config=zero3")
+    opt = plan("llama-65b", 2, "deepspeed.config=zero3_offload_optimizer")
+    everything = plan("llama-65b", 2, "deepspeed.config=zero3_offload_all")
     assert on_gpu.gpu["optimizer_states"] > 0 and on_gpu.host["offloaded_optimizer"] == 0
     assert opt.gpu["optimizer_states"] == 0
     assert opt.host["offloaded_optimizer"] == on_gpu.gpu["optimizer_states"]
@@ -189,31 +270,54 @@ def test_offload_moves_optimizer_to_host():
     assert everything.host_total > opt.host_total > on_gpu.host_total
 
 
+def test_offload_device_none_engine_and_plan_agree():
+    """`offload_optimizer.device=none` offloads nothing, as DeepSpeed reads it: the optimizer runs on the device, so the
+    engine asks for torch's AdamW (no JIT-built FusedAdam) and the plan keeps the optimizer state on the GPU."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    none = ["deepspeed.config=zero3_offload_optimizer",
+            "deepspeed.overrides={zero_optimization: {offload_optimizer: {device: none}}}"]
+    cfg = preset_config("llama-65b", *none)
+    ds = build_ds_config(cfg, 2)
+    assert DeepSpeedZeroConfig(**ds["zero_optimization"]).offload_optimizer.device == "none"
+    assert ds["optimizer"]["params"].get("torch_adam") is True
+    p = plan_for_config(cfg, 2)
+    assert p.host["offloaded_optimizer"] == 0 and p.gpu["optimizer_states"] > 0
+    assert p.gpu == plan("llama-65b", 2, "deepspeed.config=zero3").gpu
+    # The plan reads the same dict: the one handed in is the one in the plan.
+    assert p.settings["ds"] == ds and plan_for_config(cfg, 2, ds=ds).settings["ds"] is ds
+
+
 def test_zero3_gathers_llama7b_by_hand():
     """What ZeRO-3's gathers cost for llama-7b: nothing on one GPU without offload, a prefetch window otherwise."""
     # World size 1 without offload: a gather is partition.to(device), the partition itself; nothing is added.
-    plain = plan_memory("llama-7b", 1, ds_config="zero3")
+    plain = plan("llama-7b", 1, "deepspeed.config=zero3")
     assert plain.gpu["zero3_gather_buffers"] == 0
     # With offload_param each gather is a copy on the GPU. The prefetcher keeps stage3_max_live_parameters = 1e9
     # elements gathered, plus the parameter that crosses the line (at most the largest layer weight, gate/up/down:
     # 4096 × 11008 / 4 = 11,272,192 bf16 storage elements of packed 4-bit).
     window = (10**9 + 11_272_192) * 2
-    off = plan_memory("llama-7b", 1, ds_config="zero3_offload_all")
+    off = plan("llama-7b", 1, "deepspeed.config=zero3_offload_all")
     assert off.gpu["zero3_gather_buffers"] == window
     # The all-gather stream's pool also holds one more window of released gathers the GPU has yet to read, at most
-    # what the step still gathers from the loss on: the lm_head (32000 × 4096 bf16) and the 32 layers' packed
-    # weights ((4 × 4096² + 3 × 4096 × 11008) / 2 B each): 3,500,146,688 B.
-    ahead = 32000 * 4096 * 2 + 32 * (4 * 4096**2 + 3 * 4096 * 11008) // 2
-    assert ahead == 3_500_146_688
+    # what the step still gathers from the loss on: the lm_head (32000 × 4096 bf16), the 32 layers' packed weights
+    # ((4 × 4096² + 3 × 4096 × 11008) / 2 B each) and their adapter tensors over the 1e4-element persistence
+    # threshold: per layer 16 × 35,584 entries of A and 16 × 42,496 of B, half of each trains (624,640 bf16), A's
+    # frozen half (284,672 bf16), and the masks of the three 176,128-entry matrices (gate's and up's B, down's A:
+    # 22,016 B each); the other masks (65,536 entries: 8192 B) are persistent.
+    layer_4bit = (4 * 4096**2 + 3 * 4096 * 11008) // 2
+    layer_adapter = 2 * 624_640 + 2 * 284_672 + 3 * 22_016
+    ahead = 32000 * 4096 * 2 + 32 * (layer_4bit + layer_adapter)
+    assert ahead == 3_560_456_192
     compute_pool = off.gpu_peak_reserved - off.gpu["allocator_fragmentation"] - window
     assert off.gpu["allocator_fragmentation"] == int(compute_pool * 0.08) + min(window, ahead - window)
     # Two GPUs: every gather is an all-gather into a new buffer, so the window is there without offload too; it is
     # larger than what reuse alone keeps (the head + 5 layers within stage3_max_reuse_distance).
-    two = plan_memory("llama-7b", 2, ds_config="zero3")
+    two = plan("llama-7b", 2, "deepspeed.config=zero3")
     assert two.counts["retained_layers"] == 5 and two.gpu["zero3_gather_buffers"] == window
     # No prefetch, no window: only the reused layers and the head stay gathered.
-    no_prefetch = plan_memory("llama-7b", 2, ds_overrides={"zero_optimization": {"stage3_prefetch_bucket_size": 0}})
-    assert no_prefetch.gpu["zero3_gather_buffers"] == 32000 * 4096 * 2 + 5 * (4 * 4096**2 + 3 * 4096 * 11008) // 2
+    no_prefetch = plan("llama-7b", 2, "deepspeed.overrides={zero_optimization: {stage3_prefetch_bucket_size: 0}}")
+    assert no_prefetch.gpu["zero3_gather_buffers"] == 32000 * 4096 * 2 + 5 * (layer_4bit + layer_adapter)
 
 
 def test_one_gpu_bench_records_within_10_percent():
@@ -226,17 +330,17 @@ def test_one_gpu_bench_records_within_10_percent():
     rows = [r for r in rows if r["run_id"] == "gpu1-142129"]
     assert len(rows) == 4
     for r in rows:
-        plan = plan_memory(r["preset"], r["gpus"], micro_batch=r["micro_batch"], seq_len=r["seq_len"],
-                           ds_config=r["ds_config"], r=r["rank"], variant=r["variant"])
-        error = (r["peak_reserved_gib"] * GiB - plan.gpu_peak_reserved) / plan.gpu_peak_reserved
+        p = plan(r["preset"], r["gpus"], f"train.micro_batch_size={r['micro_batch']}", f"data.seq_len={r['seq_len']}",
+                 f"deepspeed.config={r['ds_config']}", f"lorasp.r={r['rank']}", f"lorasp.variant={r['variant']}")
+        error = (r["peak_reserved_gib"] * GiB - p.gpu_peak_reserved) / p.gpu_peak_reserved
         print(f"{r['preset']} {r['ds_config']}: measured {r['peak_reserved_gib']:.2f} GiB, "
-              f"predicted {plan.gpu_peak_reserved / GiB:.2f} GiB, error {error:+.1%}")
+              f"predicted {p.gpu_peak_reserved / GiB:.2f} GiB, error {error:+.1%}")
         assert abs(error) <= 0.10, (r["preset"], r["ds_config"], error)
 
 
 def test_checkpointing_reduces_activations():
-    gc = plan_memory("llama-65b", 2, gradient_checkpointing=True)
-    no_gc = plan_memory("llama-65b", 2, gradient_checkpointing=False)
+    gc = plan("llama-65b", 2, "train.gradient_checkpointing=true")
+    no_gc = plan("llama-65b", 2, "train.gradient_checkpointing=false")
     assert gc.gpu["activations"] < no_gc.gpu["activations"] / 10
     # Without checkpointing all 80 layers' activations are stored, ≈ 0.7 GB each at seq 2048 (the final norm's
     # saves cancel layer 0's input norm, which saves nothing under frozen embeddings).
@@ -245,53 +349,65 @@ def test_checkpointing_reduces_activations():
 
 
 def test_micro_batch_scales_activations():
-    one = plan_memory("llama-7b", 2, micro_batch=1)
-    four = plan_memory("llama-7b", 2, micro_batch=4)
+    one = plan("llama-7b", 2, "train.micro_batch_size=1")
+    four = plan("llama-7b", 2, "train.micro_batch_size=4")
     assert four.gpu["activations"] + four.gpu["logits"] > 3 * (one.gpu["activations"] + one.gpu["logits"])
 
 
 def test_world_size_shrinks_partitioned_components():
-    two, eight = plan_memory("llama-65b", 2), plan_memory("llama-65b", 8)
-    for name in ("base_weights_4bit", "bf16_weights", "lorasp_params", "optimizer_states", "gradients"):
+    two, eight = plan("llama-65b", 2), plan("llama-65b", 8)
+    for name in ("base_weights_4bit", "bf16_weights", "lorasp_params", "lorasp_frozen", "lorasp_masks",
+                 "optimizer_states", "gradients"):
         assert eight.gpu[name] < two.gpu[name], name
     assert eight.gpu["base_weights_4bit"] == two.gpu["base_weights_4bit"] // 4
-    for name in ("quant_constants", "lorasp_frozen", "lorasp_masks", "activations"):  # never partitioned
+    assert eight.adapter_total == two.adapter_total // 4  # every adapter tensor is partitioned
+    for name in ("quant_constants", "activations"):  # never partitioned
         assert eight.gpu[name] == two.gpu[name], name
 
 
 def test_full_variant_is_16_bytes_per_param_per_rank():
-    plan = plan_memory("llama-7b", 8, variant="full")
+    full = plan("llama-7b", 8, "lorasp.variant=full")
     n = PRESETS["llama-7b"].num_params()
-    states = plan.gpu["bf16_weights"] + plan.gpu["optimizer_states"] + plan.gpu["gradients"]
-    assert plan.gpu["base_weights_4bit"] == plan.gpu["quant_constants"] == plan.gpu["lorasp_params"] == 0
+    states = full.gpu["bf16_weights"] + full.gpu["optimizer_states"] + full.gpu["gradients"]
+    assert full.gpu["base_weights_4bit"] == full.gpu["quant_constants"] == full.gpu["lorasp_params"] == 0
     # 16 B/param / 8 ranks, plus the reduce bucket, the fp32 gradient of one optimizer sub-group and the
     # persistent norms: within 10% above the bare 2 N.
     assert 16 * n / 8 < states < 1.1 * 16 * n / 8 + 5 * 10**9
+    assert full.adapter_total == 0
 
 
 def test_cluster_total_against_full_finetune():
-    plan = plan_memory("llama-65b", 2)
-    ratio = plan.cluster_total / plan.full_ft_bytes
-    print(f"llama-65b on 2 GPUs: cluster {plan.cluster_total / 1e9:.1f} GB vs full fine-tune "
-          f"{plan.full_ft_bytes / 1e12:.3f} TB = {100 * ratio:.2f}%")
+    p = plan("llama-65b", 2)
+    ratio = p.cluster_total / p.full_ft_bytes
+    print(f"llama-65b on 2 GPUs: cluster {p.cluster_total / 1e9:.1f} GB vs full fine-tune "
+          f"{p.full_ft_bytes / 1e12:.3f} TB = {100 * ratio:.2f}%")
     assert ratio < 0.08
+    # Like with like: the full fine-tune's figure counts no runtime, so the plan's ratio leaves out each rank's
+    # (the process base and the CUDA context here; on CPU also the imports and the engine's fixed overhead).
+    runtime = p.host["process_base"] + p.gpu["cuda_context"]
+    assert p.full_ft_ratio == (p.cluster_total - 2 * runtime) / p.full_ft_bytes
+    tiny = plan("tiny", 2, device="cpu")
+    runtime = sum(tiny.host[k] for k in ("process_base", "library_imports", "runtime_overhead"))
+    assert tiny.full_ft_ratio == (tiny.cluster_total - 2 * runtime) / tiny.full_ft_bytes
+    assert "without the runtime" in format_plan_table(tiny)
 
 
 def test_plan_round_trips_and_has_stable_keys():
-    plan = plan_memory("llama-13b", 4, micro_batch=2, ds_config="zero3_offload_optimizer")
-    assert set(plan.gpu) == set(GPU_COMPONENTS)
-    assert set(plan.host) == set(HOST_COMPONENTS + GPU_COMPONENTS)
-    d = json.loads(json.dumps(plan.to_dict()))
-    assert d["gpu_total"] == plan.gpu_total and d["gpu_peak_reserved"] == plan.gpu_total - plan.gpu["cuda_context"]
+    p = plan("llama-13b", 4, "train.micro_batch_size=2", "deepspeed.config=zero3_offload_optimizer")
+    assert set(p.gpu) == set(GPU_COMPONENTS)
+    assert set(p.host) == set(HOST_COMPONENTS + GPU_COMPONENTS)
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["gpu_total"] == p.gpu_total and d["gpu_peak_reserved"] == p.gpu_total - p.gpu["cuda_context"]
+    assert d["adapter_total"] == p.adapter_total > 0
     again = MemoryPlan.from_dict(d)
-    assert again == plan and again.cluster_total == plan.cluster_total
-    assert again.replan().gpu == plan.gpu
+    assert again == p and again.cluster_total == p.cluster_total
+    assert again.replan().gpu == p.gpu
 
 
 def test_plan_for_config_and_checkpoint_shapes(tmp_path):
     cfg = load_config(None, ["launcher.gpus_per_worker=0"])
-    plan = plan_for_config(cfg, 2, device="cpu")
-    assert plan.preset == "tiny" and plan.seq_len == cfg.data.seq_len and plan.gpu_total == 0
+    cpu = plan_for_config(cfg, 2, device="cpu")
+    assert cpu.preset == "tiny" and cpu.seq_len == cfg.data.seq_len and cpu.gpu_total == 0
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shapes = {k: getattr(PRESETS["llama-7b"], k) for k in
@@ -300,35 +416,112 @@ def test_plan_for_config_and_checkpoint_shapes(tmp_path):
     cfg = load_config(None, [f"model.path={ckpt}", "model.preset=null", "data.seq_len=2048",
                              "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 1000}}"])
     from_path = plan_for_config(cfg, 2)
-    preset = plan_memory("llama-7b", 2)
+    preset = plan("llama-7b", 2)
     assert from_path.preset == str(ckpt)
     assert from_path.gpu["base_weights_4bit"] == preset.gpu["base_weights_4bit"]
     assert from_path.gpu["gradients"] < preset.gpu["gradients"]  # the 1000-element reduce bucket
 
 
-def test_check_fits():
-    cfg = load_config(None, ["model.preset=llama-65b", "data.seq_len=2048", "launcher.gpus_per_worker=1"])
-    ok, table = check_fits(cfg, 2, "80GiB")
-    assert ok and "fits:" in table
-    ok, table = check_fits(cfg, 2, "24GiB")
-    assert not ok and "does not fit" in table and "base_weights_4bit" in table
+def test_sizes_parse_once_with_a_unit():
+    assert parse_size("80GiB") == 80 * GiB
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5TiB") == int(1.5 * 2**40)
+    assert parse_size("4096B") == 4096
+    assert parse_size("24 gb") == 24 * 10**9
+    for bad in ("24", "4096", 24, 24.0, None, True, "24 gigs", "", "-1GiB", "1.5", "GiB", "12XB"):
+        with pytest.raises(ValueError, match="accepted: a number with a unit"):
+            parse_size(bad)
+    # Written back as typed (the smallest exact number), so a config round-trips through YAML readable.
+    for text in ("80GiB", "24GB", "1536GiB", "1000001B", "0B"):
+        assert format_size(parse_size(text)) == text
+    cfg = load_config(None, ["memory.gpu_mem=80GiB", "memory.host_mem=1.5TiB"])
+    assert (cfg.memory.gpu_mem, cfg.memory.host_mem, cfg.memory.headroom_min) == (80 * GiB, 1536 * GiB, GiB)
+    dumped = cfg.model_dump(mode="json")["memory"]
+    assert (dumped["gpu_mem"], dumped["host_mem"], dumped["headroom_min"]) == ("80GiB", "1536GiB", "1GiB")
+    assert load_config(None, [f"memory.gpu_mem={dumped['gpu_mem']}"]).memory.gpu_mem == 80 * GiB
 
 
-def test_search_finds_fastest_fitting_setting():
-    found = search_fitting("llama-65b", 2, "24GiB")
-    assert found and all(p.gpu_total <= 24 * GiB for p in found)
-    order = ["zero3", "zero3_offload_optimizer", "zero3_offload_all"]
-    keys = [(order.index(p.ds_config), p.gradient_checkpointing, -p.micro_batch) for p in found]
-    assert keys == sorted(keys)
+@pytest.mark.parametrize("override, message", [
+    ("memory.gpu_mem=lots", "memory.gpu_mem = 'lots': not a memory size; accepted: a number with a unit"),
+    ("memory.gpu_mem=24", "memory.gpu_mem = 24: not a memory size"),  # 24 what? not 24 bytes
+    ("memory.gpu_mem=0GiB", "memory.gpu_mem = '0GiB': must be greater than 0"),
+    ("memory.host_mem=512", "memory.host_mem = 512: not a memory size"),
+    ("memory.headroom_fraction=1.5", "memory.headroom_fraction = 1.5: must be less than 1"),
+    ("memory.headroom_fraction=-0.1", "memory.headroom_fraction = -0.1: must be greater than or equal to 0"),
+    ("memory.headroom_min=some", "memory.headroom_min = 'some': not a memory size"),
+])
+def test_memory_sizes_fail_at_validate(capsys, override, message):
+    assert main(["validate", str(REPO / "examples" / "tiny.yaml"), override]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.splitlines()) == 1 and captured.out == ""
+
+
+def test_headroom_rule():
+    """Fits = needs at most capacity - max(headroom_fraction × capacity, headroom_min): 5% and 1 GiB by default."""
+    cfg = preset_config("llama-65b")
+    default = Budget.from_config(cfg, gpu=24 * GiB)
+    assert (default.headroom_fraction, default.headroom_min) == (0.05, GiB)
+    assert default.usable(24 * GiB) == 24 * GiB - int(0.05 * 24 * GiB)  # 1.2 GiB kept free
+    assert default.usable(10 * GiB) == 9 * GiB  # 5% is 0.5 GiB: the 1 GiB floor holds
+    assert default.usable(141 * GiB) == 141 * GiB - int(0.05 * 141 * GiB)  # 7.05 GiB
+    p = plan_for_config(cfg, 2)
+    need = p.gpu_total  # ≈ 29 GiB: the 5% term is over 1 GiB
+    at_edge = -(-need * 100 // 95)  # the smallest capacity whose 95% holds it
+    assert fits(p, Budget(at_edge, None, 0.05, GiB)) and not fits(p, Budget(at_edge - 20, None, 0.05, GiB))
+    assert fits(p, Budget(need, None, 0.0, 0)) and not fits(p, Budget(need, None, 0.05, GiB))  # no headroom: exact
+    small = plan("llama-7b", 8, "deepspeed.config=zero3_offload_all")  # a few GiB: the 1 GiB floor decides
+    assert small.gpu_total < 19 * GiB
+    assert fits(small, Budget(small.gpu_total + GiB, None, 0.05, GiB))
+    assert not fits(small, Budget(small.gpu_total + GiB - 1, None, 0.05, GiB))
+    # Configurable: a config's memory.headroom_* is the budget's.
+    tight = Budget.from_config(preset_config("llama-65b", "memory.headroom_fraction=0.2", "memory.headroom_min=2GiB"),
+                               gpu=24 * GiB)
+    assert tight.usable(24 * GiB) == 24 * GiB - int(0.2 * 24 * GiB) and tight.usable(5 * GiB) == 3 * GiB
+    # The host side keeps the same headroom, for all ranks of a node together.
+    host = p.host_total * 2
+    assert fits(p, Budget(None, host + GiB, 0.05, GiB)) and not fits(p, Budget(None, host + GiB - 1, 0.05, GiB))
+
+
+def test_search_finds_fastest_fitting_setting_with_headroom():
+    cfg = preset_config("llama-65b")
+    for capacity in (24 * GiB, 141 * GiB):
+        budget = Budget.from_config(cfg, gpu=capacity)
+        found = search_fitting(cfg, 2, budget)
+        assert found and all(p.gpu_total <= budget.usable(capacity) for p in found)
+        order = ["zero3", "zero3_offload_optimizer", "zero3_offload_all"]
+        keys = [(order.index(p.ds_config), p.gradient_checkpointing, -p.micro_batch) for p in found]
+        assert keys == sorted(keys)
+    assert found[0].gpu_total <= 141 * GiB - int(0.05 * 141 * GiB)  # not 140.1 of 141 GiB
+    found = search_fitting(cfg, 2, Budget.from_config(cfg, gpu=24 * GiB))
     assert found[0].ds_config == "zero3_offload_all"  # 4-bit base halves are 15 GiB per rank; the rest must go
-    assert "fits:" in format_plan_table(found[0], 24 * GiB)
+    assert "fits:" in format_plan_table(found[0], Budget.from_config(cfg, gpu=24 * GiB))
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["--preset", "llama-7b", "--gpus", "2", "--gpu-mem", "80GiB"], 0, "fits: "),
+    (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24GiB"], 1, "fastest setting that fits"),
+    (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "10GiB"], 3, "no setting of zero3"),
+    (["--preset", "llama-65b", "--gpus", "2"], 0, "give --gpu-mem"),
+    ([str(REPO / "examples" / "tiny.yaml"), "memory.host_mem=64GiB"], 0, "fits: "),
+    ([str(REPO / "examples" / "tiny.yaml"), "memory.host_mem=2GiB"], 3, "does not fit"),  # 1 GiB is headroom
+])
+def test_cli_plan_exit_codes(capsys, argv, code, says):
+    assert main(["plan", *argv]) == code
+    out = capsys.readouterr().out
+    assert says in out, out
+    assert main(["plan", *argv, "--json"]) == code
+    assert json.loads(capsys.readouterr().out)["exit_code"] == code
 
 
 def test_cli_plan_preset(capsys):
-    assert main(["plan", "--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24GiB"]) == 0
+    assert main(["plan", "--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24GiB"]) == 1
     out = capsys.readouterr().out
     print(out)
-    assert "base_weights_4bit" in out and "does not fit" in out
+    assert "base_weights_4bit" in out and "does not fit" in out and "headroom" in out
+    assert "adapter bytes per rank" in out
     assert "fastest setting that fits" in out
     assert "deepspeed.config=zero3_offload_all train.micro_batch_size=" in out
 
@@ -337,6 +530,7 @@ def test_cli_plan_json(capsys):
     assert main(["plan", "--preset", "llama-7b", "--gpus", "2", "--gpu-mem", "80GiB", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] and doc["plan"]["preset"] == "llama-7b"
+    assert doc["headroom"] == {"fraction": 0.05, "min_bytes": GiB}
     assert doc["fastest_overrides"].startswith("deepspeed.config=zero3 ")
 
 
@@ -345,8 +539,10 @@ def test_cli_plan_json(capsys):
     [
         (["--preset", "llama-99b", "--gpus", "2", "--gpu-mem", "24GiB"], "--preset = 'llama-99b': unknown preset"),
         (["--preset", "llama-65b", "--gpus", "0", "--gpu-mem", "24GiB"], "--gpus = 0"),
-        (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24 gigs"], "--gpu-mem = '24 gigs'"),
-        (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24GiB", "--host-mem", "lots"], "--host-mem = 'lots'"),
+        (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24 gigs"], "memory.gpu_mem = '24 gigs'"),
+        (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24"], "memory.gpu_mem = '24': not a memory size"),
+        (["--preset", "llama-65b", "--gpus", "2", "--gpu-mem", "24GiB", "--host-mem", "lots"],
+         "memory.host_mem = 'lots'"),
     ],
 )
 def test_cli_plan_bad_input(capsys, argv, message):

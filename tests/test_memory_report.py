@@ -14,7 +14,7 @@ import torch
 from lorasp_dist.cli import main
 from lorasp_dist.memory.report import GB, GiB, ReportError, error_pct, write_report
 from lorasp_dist.memory.tracker import MemoryTracker
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 GPU_FIELDS = ("cuda_allocated_peak_bytes", "cuda_reserved_peak_bytes", "cuda_alloc_retries", "cuda_ooms",
               "nvml_used_peak_bytes")
@@ -31,7 +31,7 @@ def plan_fixture(world_size: int = 2) -> dict:
     gpu = dict.fromkeys(["base_weights_4bit", "quant_constants", "activations", "cuda_context"], 0)
     return {
         "preset": "tiny", "world_size": world_size, "micro_batch": 1, "seq_len": 64, "ds_config": "zero3",
-        "gradient_checkpointing": True, "variant": "lorasp", "gpu": gpu, "host": host,
+        "gradient_checkpointing": True, "variant": "lorasp", "gpu": gpu, "host": host, "device": "cpu",
         "gpu_total": 0, "host_total": sum(host.values()), "gpu_peak_reserved": 0,
         "cluster_total": world_size * sum(host.values()),
         "full_ft_bytes": 16 * params + 5 * MB,
@@ -135,17 +135,23 @@ def test_report_from_two_ranks(run_dir):
         assert delta["error_pct"] == pytest.approx((r["host_rss_delta_bytes"] - predicted) / predicted * 100)
         assert not any(c["quantity"].startswith("GPU") for c in r["comparison"])
 
+    # Like with like: the full fine-tune's figure counts no runtime, so the run's side is the RSS above each rank's
+    # baseline (Python, torch, the libraries); the total with the runtime is given beside it.
     cluster = report["cluster"]
-    expected_total = sum(r["host_rss_peak_bytes"] for r in report["ranks"].values())
+    expected_total = sum(r["host_rss_delta_bytes"] for r in report["ranks"].values())
+    with_runtime = sum(r["host_rss_peak_bytes"] for r in report["ranks"].values())
     assert cluster["total_bytes"] == expected_total and cluster["gpu_bytes"] == 0
+    assert cluster["total_with_runtime_bytes"] == with_runtime > expected_total
     assert cluster["fraction_of_full_ft"] == pytest.approx(expected_total / plan["full_ft_bytes"])
 
     md = (run_dir / "memory_report.md").read_text()
     params = PRESETS["tiny"].num_params()
     assert f"16 B/param × {params:,} params" in md
-    assert f"= {plan['full_ft_bytes'] / GB:.3g} GB" in md
-    assert f"2 ranks × ({expected_total / 2 / GiB:.3g} GiB host, mean per rank)" in md
+    assert f"= {plan['full_ft_bytes'] / GB:.3g} GB (no runtime)" in md
+    assert f"runtime left out: 2 ranks × ({expected_total / 2 / GiB:.3g} GiB host above the baseline" in md
     assert f"= {expected_total / plan['full_ft_bytes'] * 100:.1f}% of it" in md
+    assert f"with the runtime (Python, torch and the libraries, {(with_runtime - expected_total) / 2 / GiB:.3g} GiB " \
+           f"per rank): {with_runtime / GB:.3g} GB" in md and "neither side counts it" in md
     assert "**GiB** (2^30 bytes)" in md and "**GB** (10^9 bytes)" in md
     assert "![memory_timeline.png](memory_timeline.png)" in md
 
@@ -164,6 +170,18 @@ def test_report_without_plan_shows_measured_only(tmp_path):
     assert report["plan"] is None and report["cluster"]["full_ft_bytes"] is None
     assert report["ranks"]["0"]["comparison"][0]["error_pct"] is None
     assert "measured values only" in paths[1].read_text()
+
+
+def test_report_reads_the_plan_through_memory_plan(tmp_path):
+    run_tracker(tmp_path, 0, alloc_mb=10, world_size=1)
+    doc = plan_fixture(world_size=1)
+    (tmp_path / "memory" / "plan.json").write_text(json.dumps(doc))
+    report = json.loads(write_report(tmp_path)[0].read_text())
+    assert report["plan"]["adapter_total"] == 0 and report["plan"]["device"] == "cpu"  # MemoryPlan.to_dict()
+    del doc["variant"]
+    (tmp_path / "memory" / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(ReportError, match="plan.json: missing keys variant; expected MemoryPlan.to_dict"):
+        write_report(tmp_path)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty", "empty_memory_dir"])

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from lorasp_dist.config import DataConfig
 from lorasp_dist.data import load_tokenizer, train_tokenizer
 from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp, lorasp_layers
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"lorasp", "lora", "lora-fa", "full", "lorasp-resample"}

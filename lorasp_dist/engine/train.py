@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 
 from lorasp_dist.config import ConfigError, RunConfig
+from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.engine import checkpoint as ckpt
-from lorasp_dist.engine.ds_config import build_ds_config
 from lorasp_dist.engine.profile import StepProfiler
 
 OnCheckpoint = Callable[[Path, int, dict], None]
@@ -242,10 +242,10 @@ class Recipe:
 
     def _write_plan(self):
         try:
-            from lorasp_dist.memory.model import plan_for_config
+            from lorasp_dist.memory.estimate import plan_for_config
         except ImportError:
             return
-        plan = plan_for_config(self.cfg, self.world, device=self.device.type)
+        plan = plan_for_config(self.cfg, self.world, device=self.device.type, ds=self.ds_config)
         path = self.run_dir / "memory" / "plan.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan.to_dict(), indent=2))

@@ -1,54 +1,116 @@
-"""`lorasp plan`: print the memory model's table for a run, say whether it fits, and find the fastest setting that does.
+"""`lorasp plan`: print the memory estimate's table for a run, say whether it fits, and find the fastest setting
+that does.
 
-The launcher calls `check_fits` before it starts anything, so a run that cannot fit never gets to load 34 GB of weights.
+A plan fits when it leaves headroom: max(memory.headroom_fraction × capacity, memory.headroom_min), 5% and 1 GiB by
+default, on each GPU and on the host. The launcher calls `shortfall` before it starts anything, so a run that cannot
+fit never gets to load 34 GB of weights.
+
+Exit codes of `lorasp plan` (with or without --json):
+  0  the asked-for setting fits, or no memory size was given (a table only)
+  1  the asked-for setting does not fit, but another one does: the fastest is printed as overrides
+  2  bad input (one line on stderr)
+  3  the asked-for setting does not fit and no searched setting does (on CPU nothing is searched)
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from lorasp_dist.config import DS_CONFIGS, ConfigError, RunConfig, apply_overrides, load_config, validate
-from lorasp_dist.memory.model import (
+from lorasp_dist.config import DS_CONFIGS, ConfigError, RunConfig, apply_overrides, read_yaml, validate
+from lorasp_dist.memory.estimate import (
     CPU_HOST_COMPONENTS,
     GPU_COMPONENTS,
     HOST_COMPONENTS,
     MemoryPlan,
     gib,
-    parse_size,
     plan_for_config,
-    plan_kwargs,
-    plan_memory,
 )
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
+from lorasp_dist.sizes import GiB, MiB
 
 MICRO_BATCHES = (16, 8, 4, 2, 1)
+EXIT_FITS, EXIT_ANOTHER_FITS, EXIT_NOTHING_FITS = 0, 1, 3
 
 
-def fits(plan: MemoryPlan, gpu_mem: int | None, host_mem: int | None = None) -> bool:
-    """GPU per rank within gpu_mem; host of all ranks within host_mem (conservatively: all ranks on one node)."""
-    gpu_ok = gpu_mem is None or plan.gpu_total <= gpu_mem
-    host_ok = host_mem is None or plan.host_total * plan.world_size <= host_mem
-    return gpu_ok and host_ok
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run may use: per GPU and per node (None: not checked), less the headroom."""
+
+    gpu: int | None
+    host: int | None
+    headroom_fraction: float
+    headroom_min: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, gpu: int | None = None) -> Budget:
+        """memory.* of the config; `gpu` (bytes read from a GPU of the cluster) stands in for memory.gpu_mem."""
+        m = cfg.memory
+        return cls(m.gpu_mem if m.gpu_mem is not None else gpu, m.host_mem, m.headroom_fraction, m.headroom_min)
+
+    def headroom(self, capacity: int) -> int:
+        return max(int(self.headroom_fraction * capacity), self.headroom_min)
+
+    def usable(self, capacity: int) -> int:
+        return capacity - self.headroom(capacity)
 
 
-def search_fitting(
-    preset, world_size: int, gpu_mem: int | str, host_mem: int | str | None = None, seq_len: int = 2048, **kw
-) -> list[MemoryPlan]:
-    """Every setting of (ds_config, checkpointing, micro-batch) that fits, the expected fastest first: no offload
-    before offloading the optimizer before offloading everything, no checkpointing before checkpointing, larger
-    micro-batches first. `kw` goes to plan_memory."""
-    gpu_mem = parse_size(gpu_mem, "--gpu-mem")
-    host_mem = None if host_mem is None else parse_size(host_mem, "--host-mem")
-    for k in ("ds_config", "gradient_checkpointing", "micro_batch"):
-        kw.pop(k, None)
+def _needs(plan: MemoryPlan, budget: Budget) -> list[tuple[str, int, int]]:
+    """(where, bytes needed, capacity) for each budget that applies: the GPU of a CUDA plan, the host of all ranks
+    (conservatively: all ranks on one node)."""
+    needs = []
+    if plan.device == "cuda" and budget.gpu is not None:
+        needs.append(("per GPU", plan.gpu_total, budget.gpu))
+    if budget.host is not None:
+        needs.append((f"host ({plan.world_size} ranks on one node)", plan.host_total * plan.world_size, budget.host))
+    return needs
+
+
+def fits(plan: MemoryPlan, budget: Budget) -> bool:
+    return all(need <= budget.usable(cap) for _, need, cap in _needs(plan, budget))
+
+
+def shortfall(plan: MemoryPlan, budget: Budget) -> str | None:
+    """One line on what does not fit, or None when the plan fits (or nothing is checked)."""
+    over = [
+        f"needs {gib(need):.1f} GiB {where} + {gib(budget.headroom(cap)):.1f} GiB headroom, has {gib(cap):.1f} GiB"
+        for where, need, cap in _needs(plan, budget) if need > budget.usable(cap)
+    ]
+    return "; ".join(over) or None
+
+
+def verdict(plan: MemoryPlan, budget: Budget) -> str:
+    lines = []
+    for where, need, cap in _needs(plan, budget):
+        room, usable = gib(budget.headroom(cap)), gib(budget.usable(cap))
+        if need <= budget.usable(cap):
+            lines.append(f"fits: {gib(need):.1f} GiB {where}, within {usable:.1f} of {gib(cap):.1f} GiB "
+                         f"(headroom {room:.1f} GiB kept free)")
+        else:
+            lines.append(f"does not fit: needs {gib(need):.1f} GiB {where}, {gib(need) - usable:.1f} GiB over the "
+                         f"{usable:.1f} of {gib(cap):.1f} GiB usable (headroom {room:.1f} GiB: "
+                         "memory.headroom_fraction, memory.headroom_min)")
+    return "\n".join(lines)
+
+
+def with_setting(cfg: RunConfig, ds_config: str, gradient_checkpointing: bool, micro_batch: int) -> RunConfig:
+    deepspeed = cfg.deepspeed.model_copy(update={"config": ds_config})
+    train = cfg.train.model_copy(update={"gradient_checkpointing": gradient_checkpointing,
+                                         "micro_batch_size": micro_batch})
+    return cfg.model_copy(update={"deepspeed": deepspeed, "train": train})
+
+
+def search_fitting(cfg: RunConfig, world_size: int, budget: Budget) -> list[MemoryPlan]:
+    """Every setting of (deepspeed.config, checkpointing, micro-batch) of this config that fits on GPUs, the expected
+    fastest first: no offload before offloading the optimizer before offloading everything, no checkpointing before
+    checkpointing, larger micro-batches first."""
     found = []
     for ds_config in DS_CONFIGS:
         for gc in (False, True):
             for mb in MICRO_BATCHES:
-                plan = plan_memory(preset, world_size, micro_batch=mb, seq_len=seq_len, ds_config=ds_config,
-                                   gradient_checkpointing=gc, **kw)
-                if fits(plan, gpu_mem, host_mem):
+                plan = plan_for_config(with_setting(cfg, ds_config, gc, mb), world_size, device="cuda")
+                if fits(plan, budget):
                     found.append(plan)
     return found
 
@@ -62,26 +124,23 @@ def setting_line(plan: MemoryPlan) -> str:
     )
 
 
-def verdict(plan: MemoryPlan, gpu_mem: int | None, host_mem: int | None = None) -> str:
-    lines = []
-    if plan.device == "cuda" and gpu_mem is not None:
-        need, cap = gib(plan.gpu_total), gib(gpu_mem)
-        if plan.gpu_total <= gpu_mem:
-            lines.append(f"fits: {need:.1f} GiB of {cap:.1f} GiB per GPU ({cap - need:.1f} GiB spare)")
-        else:
-            lines.append(f"does not fit: needs {need:.1f} GiB, {need - cap:.1f} GiB over {cap:.1f} GiB per GPU")
-    if host_mem is not None:
-        need, cap = gib(plan.host_total * plan.world_size), gib(host_mem)
-        where = f"host ({plan.world_size} ranks on one node)"
-        if need <= cap:
-            lines.append(f"fits: {need:.1f} GiB of {cap:.1f} GiB {where} ({cap - need:.1f} GiB spare)")
-        else:
-            lines.append(f"does not fit: needs {need:.1f} GiB, {need - cap:.1f} GiB over {cap:.1f} GiB {where}")
-    return "\n".join(lines)
+def adapter_line(plan: MemoryPlan) -> str | None:
+    """What the adapter costs a rank, and for lorasp and lora-fa how that compares with plain LoRA's."""
+    if plan.variant == "full":
+        return None
+    unit, size = ("GiB", GiB) if plan.adapter_total >= GiB // 10 else ("MiB", MiB)  # tiny models: MiB
+    parts = " + ".join(f"{k} {v / size:.2f}" for k, v in plan.adapter.items())
+    line = f"adapter bytes per rank (GPU + host, {unit}): {parts} = {plan.adapter_total / size:.2f} {unit}"
+    if plan.variant != "lora":
+        lora = plan.replan(variant="lora")
+        line += (f" = {plan.adapter_total / lora.adapter_total:.2f}× plain LoRA's {lora.adapter_total / size:.2f} "
+                 f"{unit} (variant=lora: peft's dense A and B)")
+    return line
 
 
-def format_plan_table(plan: MemoryPlan, gpu_mem: int | None = None, host_mem: int | None = None) -> str:
-    """A plain-text table of GiB per rank per component, the totals, the full fine-tune comparison and the verdict."""
+def format_plan_table(plan: MemoryPlan, budget: Budget | None = None) -> str:
+    """A plain-text table of GiB per rank per component, the totals, the adapter's bytes, the full fine-tune
+    comparison and the verdict."""
     gc = "on" if plan.gradient_checkpointing else "off"
     out = [
         f"{plan.preset}: {plan.world_size} rank(s) on {plan.device}, variant {plan.variant}, {plan.ds_config}, "
@@ -97,87 +156,89 @@ def format_plan_table(plan: MemoryPlan, gpu_mem: int | None = None, host_mem: in
     where = {"loss": "the loss over the logits", "layer": "one layer's recompute + backward"}[plan.peak_phase]
     if plan.device == "cuda":
         out.append(f"peak at {where}; torch max_memory_reserved ≈ {gib(plan.gpu_peak_reserved):.2f} GiB")
+    adapter = adapter_line(plan)
+    if adapter:
+        out.append(adapter)
     n = plan.counts.get("num_params", 0)
     states = 16 * n
     out.append(
-        f"cluster: {gib(plan.cluster_total):.1f} GiB (GPU + host, {plan.world_size} ranks) = "
+        f"cluster: {gib(plan.cluster_total):.1f} GiB (GPU + host, {plan.world_size} ranks); without the runtime "
+        f"({gib(plan.runtime_per_rank):.2f} GiB a rank: Python, torch, the CUDA context) "
+        f"{gib(plan.cluster_total - plan.runtime_per_rank * plan.world_size):.1f} GiB = "
         f"{100 * plan.full_ft_ratio:.1f}% of a full fine-tune's {plan.full_ft_bytes / 1e12:.3f} TB "
         f"(16 B × {n / 1e9:.2f}e9 params = {states / 1e12:.3f} TB + "
-        f"{gib(plan.full_ft_breakdown.get('activations', 0)):.1f} GiB activations)"
+        f"{gib(plan.full_ft_breakdown.get('activations', 0)):.1f} GiB activations, no runtime)"
     )
     if plan.variant == "lorasp":
         lora = plan.replan(variant="lora")
         out.append(f"beside plain {'QLoRA' if lora.settings['quantize'] else 'LoRA'} (variant=lora), same setting: "
                    f"{gib(lora.gpu_total):.2f} GiB GPU + {gib(lora.host_total):.2f} GiB host per rank")
-    v = verdict(plan, gpu_mem, host_mem)
+    v = verdict(plan, budget) if budget else ""
     return "\n".join(out + ([v] if v else []))
 
 
-def check_fits(cfg: RunConfig, world_size: int, gpu_mem: int | str | None,
-               host_mem: int | str | None = None) -> tuple[bool, str]:
-    """For `lorasp launch`: does this config fit (with the table that says why)?"""
+def launch_plan(cfg: RunConfig, gpu_mem: int | None = None) -> tuple[MemoryPlan, Budget]:
+    """For `lorasp launch`: the plan of this config on its workers, and the budget it must fit (`gpu_mem`: one GPU's
+    memory read from the cluster, when memory.gpu_mem is not set)."""
     device = "cuda" if cfg.launcher.gpus_per_worker > 0 else "cpu"
-    gpu = None if gpu_mem is None else parse_size(gpu_mem, "--gpu-mem")
-    host = None if host_mem is None else parse_size(host_mem, "--host-mem")
-    plan = plan_for_config(cfg, world_size, device=device)
-    return fits(plan, gpu if device == "cuda" else None, host), format_plan_table(plan, gpu, host)
+    return plan_for_config(cfg, cfg.launcher.num_workers, device=device), Budget.from_config(cfg, gpu_mem)
 
 
 def _load(args) -> RunConfig:
-    """The config file + overrides, or --preset with the preset's own sequence length."""
+    """The config file + overrides (or --preset, with the preset's own sequence length) + --gpu-mem/--host-mem, which
+    set memory.gpu_mem/host_mem and are parsed with them when the config is validated."""
     config, overrides = args.config, list(args.overrides or [])
     if config and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config, *overrides]
+    data = read_yaml(config) if config else {}
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise ConfigError(f"--preset = {args.preset!r}: unknown preset; accepted: {', '.join(PRESETS)}")
         overrides = [f"model.preset={args.preset}", "model.path=null", *overrides]
         if config is None:
-            seq = min(2048, PRESETS[args.preset].max_position_embeddings)
-            return validate(apply_overrides({"data": {"seq_len": seq}}, overrides))
-    return load_config(config, overrides)
+            data = {"data": {"seq_len": min(2048, PRESETS[args.preset].max_position_embeddings)}}
+    data = apply_overrides(data, overrides)
+    for key, value in (("gpu_mem", args.gpu_mem), ("host_mem", args.host_mem)):
+        if value is not None:  # the text as typed: "24" must not become the YAML integer 24
+            data.setdefault("memory", {})[key] = value
+    return validate(data)
 
 
 def run_plan_command(args) -> int:
-    cfg = _load(args)
     if args.gpus is not None and args.gpus < 1:
         raise ConfigError(f"--gpus = {args.gpus}: must be a positive integer (one rank per GPU)")
+    cfg = _load(args)
     world = args.gpus or cfg.launcher.num_workers
-    gpu_text = args.gpu_mem or cfg.memory.gpu_mem
-    host_text = args.host_mem or cfg.memory.host_mem
-    gpu_mem = None if gpu_text is None else parse_size(gpu_text, "--gpu-mem")
-    host_mem = None if host_text is None else parse_size(host_text, "--host-mem")
-    on_gpu = bool(args.gpus or args.preset or gpu_mem or cfg.launcher.gpus_per_worker > 0)
+    budget = Budget.from_config(cfg)
+    on_gpu = bool(args.gpus or args.preset or budget.gpu or cfg.launcher.gpus_per_worker > 0)
     plan = plan_for_config(cfg, world, device="cuda" if on_gpu else "cpu")
-
-    fastest = None
-    if on_gpu and gpu_mem is not None:
-        preset, kw = plan_kwargs(cfg)
-        kw["device"] = "cuda"
-        seq = kw.pop("seq_len")
-        found = search_fitting(preset, world, gpu_mem, host_mem, seq_len=seq, **kw)
-        fastest = found[0] if found else None
+    ok = fits(plan, budget)
+    found = search_fitting(cfg, world, budget) if on_gpu and budget.gpu is not None else []
+    fastest = found[0] if found else None
+    checked = bool(_needs(plan, budget))
+    code = EXIT_FITS if ok or not checked else EXIT_ANOTHER_FITS if fastest else EXIT_NOTHING_FITS
 
     if getattr(args, "json", False):
         doc: dict[str, Any] = {
             "plan": plan.to_dict(),
-            "fits": fits(plan, gpu_mem if on_gpu else None, host_mem),
+            "fits": ok,
+            "headroom": {"fraction": budget.headroom_fraction, "min_bytes": budget.headroom_min},
             "fastest": fastest.to_dict() if fastest else None,
             "fastest_overrides": setting_line(fastest) if fastest else None,
+            "exit_code": code,
         }
         print(json.dumps(doc, indent=2))
-        return 0
+        return code
 
-    print(format_plan_table(plan, gpu_mem if on_gpu else None, host_mem))
-    if on_gpu and gpu_mem is None:
+    print(format_plan_table(plan, budget))
+    if on_gpu and budget.gpu is None:
         print("give --gpu-mem (e.g. 80GiB) to check the fit and search for the fastest setting that fits")
     elif on_gpu and fastest is None:
-        host = f" and {gib(host_mem):.1f} GiB host" if host_mem is not None else ""
+        host = f" and {gib(budget.host):.1f} GiB host" if budget.host is not None else ""
         print(f"no setting of {', '.join(DS_CONFIGS)} × micro-batch 1-16 × checkpointing fits "
-              f"{gib(gpu_mem):.1f} GiB per GPU{host}; add GPUs or memory, or shorten data.seq_len")
+              f"{gib(budget.gpu):.1f} GiB per GPU{host} with headroom; add GPUs or memory, or shorten data.seq_len")
     elif fastest is not None:
         print(f"fastest setting that fits: {gib(fastest.gpu_total):.1f} GiB per GPU, "
               f"{gib(fastest.host_total * world):.1f} GiB host for {world} rank(s); as overrides:")
         print(f"  {setting_line(fastest)}")
-    return 0
-
+    return code

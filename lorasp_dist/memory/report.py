@@ -1,11 +1,12 @@
 """`lorasp report RUN_DIR`: measured memory beside the plan, and the cluster total beside a full fine-tune.
 
-Reads `memory/rank*.jsonl` (the tracker's phase lines) and `memory/plan.json` (the analytic model's `to_dict()`,
-optional), writes `memory_report.json`, `memory_report.md`, `memory_timeline.png`, `memory_vs_full_ft.png` and,
-with a plan, `memory_components.png` into the run directory.
+Reads `memory/rank*.jsonl` (the tracker's phase lines) and `memory/plan.json` (MemoryPlan.to_dict(), read back
+through MemoryPlan.from_dict; optional), writes `memory_report.json`, `memory_report.md`, `memory_timeline.png`,
+`memory_vs_full_ft.png` and, with a plan, `memory_components.png` into the run directory.
 
 Units: per-rank memory in GiB (2**30 bytes), the full fine-tune comparison in GB (10**9 bytes), as the ~1 TB figure
-is decimal. The JSON holds bytes.
+is decimal. The JSON holds bytes. The comparison with a full fine-tune is like with like: neither side counts the
+runtime a process pays before it holds a tensor.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import MISSING
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError
+from lorasp_dist.memory.estimate import MemoryPlan
+from lorasp_dist.presets import PRESETS
 
 GiB = 2**30
 GB = 10**9
@@ -63,19 +67,21 @@ def read_samples(run_dir: Path) -> dict[int, list[dict]]:
     return dict(sorted(samples.items()))
 
 
-def read_plan(run_dir: Path) -> dict | None:
+def read_plan(run_dir: Path) -> MemoryPlan | None:
     path = run_dir / "memory" / "plan.json"
     if not path.is_file():
         return None
     try:
-        plan = json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         why = f"malformed JSON ({e.msg} at line {e.lineno})"
         raise ReportError(f"{path}: {why}; expected MemoryPlan.to_dict()") from None
-    missing = [k for k in ("gpu", "host", "gpu_peak_reserved", "host_total", "full_ft_bytes") if k not in plan]
+    required = [k for k, f in MemoryPlan.__dataclass_fields__.items()
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in doc] if isinstance(doc, dict) else required
     if missing:
         raise ReportError(f"{path}: missing keys {', '.join(missing)}; expected MemoryPlan.to_dict()")
-    return plan
+    return MemoryPlan.from_dict(doc)
 
 
 def _num(x: float) -> str:
@@ -137,21 +143,20 @@ def error_pct(measured: float | None, predicted: float | None) -> float | None:
     return (measured - predicted) / predicted * 100
 
 
-def _comparisons(s: dict, plan: dict | None) -> list[dict]:
-    host = plan["host"] if plan else {}
-    process_base = host.get("process_base", 0)
+def _comparisons(s: dict, plan: MemoryPlan | None) -> list[dict]:
+    process_base = plan.host.get("process_base", 0) if plan else 0
     rows = [
         # The baseline is taken after the imports and before loading, so it already holds the process base.
         ("host RSS delta (peak - baseline)", s["host_rss_delta_bytes"],
-         plan and plan["host_total"] - process_base, "host total - process_base"),
-        ("host RSS peak (absolute)", s["host_rss_peak_bytes"], plan and plan["host_total"], "host total"),
+         plan and plan.host_total - process_base, "host total - process_base"),
+        ("host RSS peak (absolute)", s["host_rss_peak_bytes"], plan and plan.host_total, "host total"),
     ]
     if s["cuda_reserved_peak_bytes"] is not None:
         rows.insert(0, ("GPU reserved peak (allocator)", s["cuda_reserved_peak_bytes"],
-                        plan and plan["gpu_peak_reserved"], "gpu_peak_reserved"))
+                        plan and plan.gpu_peak_reserved, "gpu_peak_reserved"))
     if s["nvml_used_peak_bytes"] is not None:
         rows.insert(1, ("GPU used peak (NVML, whole device)", s["nvml_used_peak_bytes"],
-                        plan and plan.get("gpu_total"), "gpu_total (all components, CUDA context included)"))
+                        plan and plan.gpu_total, "gpu_total (all components, CUDA context included)"))
     return [
         {"quantity": q, "measured_bytes": m, "predicted_bytes": p or None, "predicted_as": how,
          "error_pct": error_pct(m, p)}
@@ -159,51 +164,56 @@ def _comparisons(s: dict, plan: dict | None) -> list[dict]:
     ]
 
 
-def _gpu_peak(s: dict) -> int:
-    """NVML sees the CUDA context and NCCL too, so it is preferred; 0 on CPU runs (no GPU memory used)."""
-    return _peak([s["nvml_used_peak_bytes"], s["cuda_reserved_peak_bytes"]]) or 0
-
-
-def _num_params(plan: dict) -> int | None:
+def _num_params(plan: MemoryPlan) -> int | None:
     """The plan's own count; else the preset's (plans written before `counts` existed)."""
-    from lorasp_dist.model.presets import PRESETS
-
-    counted = (plan.get("counts") or {}).get("num_params")
-    preset = PRESETS.get(plan.get("preset") or "")
-    return counted or (preset.num_params() if preset else None)
+    preset = PRESETS.get(plan.preset)
+    return plan.counts.get("num_params") or (preset.num_params() if preset else None)
 
 
-def _cluster(ranks: dict[int, dict], plan: dict | None, cuda: bool) -> dict:
+def _cluster(ranks: dict[int, dict], plan: MemoryPlan | None, cuda: bool) -> dict:
+    """The run beside a full fine-tune, like with like. The full fine-tune's figure (model states + activations) has
+    no runtime term, so the run's side leaves its runtime out too: per rank, the GPU reserved peak (PyTorch's
+    allocator: no CUDA or NCCL context) plus the host RSS peak above the baseline (the baseline holds Python, torch
+    and the other libraries, before the model). The total with the runtime is given beside it."""
     n = len(ranks)
-    gpu = sum(_gpu_peak(s) for s in ranks.values())
-    host = sum(s["host_rss_peak_bytes"] or 0 for s in ranks.values())
+    gpu = sum(s["cuda_reserved_peak_bytes"] or 0 for s in ranks.values())
+    host = sum(s["host_rss_delta_bytes"] or 0 for s in ranks.values())
     total = gpu + host
-    per_rank = f"{_num(host / n / GiB)} GiB host"
+    # With the runtime: NVML's figure holds the CUDA context (and NCCL), the absolute RSS peak the baseline.
+    with_runtime = sum(_peak([s["nvml_used_peak_bytes"], s["cuda_reserved_peak_bytes"]]) or 0 for s in ranks.values())
+    with_runtime += sum(s["host_rss_peak_bytes"] or 0 for s in ranks.values())
+    per_rank = f"{_num(host / n / GiB)} GiB host above the baseline"
     if cuda:
-        per_rank = f"{_num(gpu / n / GiB)} GiB GPU + {per_rank}"
-    run_line = (f"this run: {n} rank{'s' if n != 1 else ''} × ({per_rank}, mean per rank) = {_num(total / GiB)} GiB "
+        per_rank = f"{_num(gpu / n / GiB)} GiB GPU reserved + {per_rank}"
+    ranks_word = f"{n} rank{'s' if n != 1 else ''}"
+    run_line = (f"this run, runtime left out: {ranks_word} × ({per_rank}, mean per rank) = {_num(total / GiB)} GiB "
                 f"= {_num(total / GB)} GB")
-    out = {"ranks": n, "gpu_bytes": gpu, "host_bytes": host, "total_bytes": total, "full_ft_bytes": None,
-           "full_ft_breakdown": None, "fraction_of_full_ft": None, "num_params": None, "bytes_per_param": None,
-           "arithmetic": [run_line]}
+    runtime_line = (f"with the runtime (Python, torch and the libraries{', the CUDA and NCCL context' if cuda else ''}"
+                    f", {_num((with_runtime - total) / n / GiB)} GiB per rank): {_num(with_runtime / GB)} GB; a full "
+                    "fine-tune pays a runtime on each of its ranks too, but its figure counts none, so neither side "
+                    "counts it")
+    out = {"ranks": n, "gpu_bytes": gpu, "host_bytes": host, "total_bytes": total,
+           "total_with_runtime_bytes": with_runtime, "full_ft_bytes": None, "full_ft_breakdown": None,
+           "fraction_of_full_ft": None, "num_params": None, "bytes_per_param": None,
+           "arithmetic": [run_line, runtime_line]}
     if not plan:
         return out
-    full, breakdown = plan["full_ft_bytes"], plan.get("full_ft_breakdown") or {}
+    full, breakdown = plan.full_ft_bytes, plan.full_ft_breakdown
     activations = sum(v for k, v in breakdown.items() if "activ" in k)
     params = _num_params(plan)
     per_param = (full - activations) / params if params else None
     if params:
         states = full - activations
         ft_line = (f"full fine-tune: {states / params:.3g} B/param × {_count(params)} params = {_num(states / GB)} GB "
-                   f"model states + activations {_num(activations / GB)} GB = {_num(full / GB)} GB")
+                   f"model states + activations {_num(activations / GB)} GB = {_num(full / GB)} GB (no runtime)")
     else:  # a local checkpoint: no preset to count parameters from, so show the model's own terms
         terms = " + ".join(f"{k} {_num(v / GB)} GB" for k, v in breakdown.items()) or "(no breakdown)"
-        ft_line = f"full fine-tune: {terms} = {_num(full / GB)} GB"
+        ft_line = f"full fine-tune: {terms} = {_num(full / GB)} GB (no runtime)"
     fraction = total / full if full else None
     if fraction is not None:
         run_line += f" = {fraction * 100:.1f}% of it"
     out.update(full_ft_bytes=full, full_ft_breakdown=breakdown, fraction_of_full_ft=fraction, num_params=params,
-               bytes_per_param=per_param, arithmetic=[ft_line, run_line])
+               bytes_per_param=per_param, arithmetic=[ft_line, run_line, runtime_line])
     return out
 
 
@@ -213,7 +223,7 @@ def build_report(run_dir: str | Path, samples: dict[int, list[dict]] | None = No
     plan = read_plan(run_dir)
     ranks = {r: summarize_rank(recs) for r, recs in samples.items()}
     cuda = any(s["cuda_reserved_peak_bytes"] is not None for s in ranks.values())
-    world = max([recs[0].get("world_size") or 0 for recs in samples.values()] + [(plan or {}).get("world_size") or 0])
+    world = max([recs[0].get("world_size") or 0 for recs in samples.values()] + [plan.world_size if plan else 0])
     notes = []
     if plan is None:
         notes.append("no memory/plan.json: measured values only (no prediction, no full fine-tune comparison)")
@@ -234,8 +244,8 @@ def build_report(run_dir: str | Path, samples: dict[int, list[dict]] | None = No
         "units": "bytes; the Markdown shows per-rank memory in GiB (2**30 B) and the full fine-tune in GB (10**9 B)",
         "device": "cuda" if cuda else "cpu",
         "world_size": world,
-        "plan": plan,
-        "predicted_per_rank": {"gpu": plan["gpu"], "host": plan["host"]} if plan else None,
+        "plan": plan.to_dict() if plan else None,
+        "predicted_per_rank": {"gpu": plan.gpu, "host": plan.host} if plan else None,
         "ranks": {str(r): {**s, "comparison": _comparisons(s, plan)} for r, s in ranks.items()},
         "cluster": _cluster(ranks, plan, cuda),
         "notes": notes,
@@ -376,7 +386,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_vs_full_ft(report: dict, path: Path) -> None:
-    """Two horizontal bars to scale: a full fine-tune of the same model, and this run's cluster total, in GB."""
+    """Two horizontal bars to scale: a full fine-tune of the same model, and this run's cluster total, in GB; neither
+    counts the runtime (see _cluster)."""
     plt = _pyplot()
     c, plan = report["cluster"], report["plan"]
     fig, ax = plt.subplots(figsize=(11, 3.4))
@@ -386,8 +397,8 @@ def plot_vs_full_ft(report: dict, path: Path) -> None:
         per_param = f"{c['bytes_per_param']:.3g} B/param" if c["bytes_per_param"] else "model states"
         rows.append((f"full fine-tune\n({per_param} + activations)",
                      [(c["full_ft_bytes"] - act, "model states", "#d9534f"), (act, "activations", "#f0ad4e")]))
-    rows.append(("this run\n(cluster total, all ranks)",
-                 [(c["gpu_bytes"], "GPU", "#4c9be8"), (c["host_bytes"], "host", "#5cb85c")]))
+    rows.append(("this run\n(cluster total, all ranks,\nruntime left out)",
+                 [(c["gpu_bytes"], "GPU reserved", "#4c9be8"), (c["host_bytes"], "host above baseline", "#5cb85c")]))
     top = max(sum(v for v, _, _ in parts) for _, parts in rows) / GB
     for y, (_, parts) in enumerate(reversed(rows)):
         left = 0.0

@@ -199,8 +199,8 @@ def ensure_base(cfg: RunConfig) -> Path:
             raise ConfigError(f"model.path = '{path}': not a directory")
         read_hf_config(path, cfg.model.trust_remote_code)
         return path
-    from lorasp_dist.model.presets import PRESETS
     from lorasp_dist.model.synthetic import write_prequantized
+    from lorasp_dist.presets import PRESETS
 
     path = prequantized_base_path(cfg)
     if not (path / "config.json").is_file():

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from lorasp_dist.atomic import atomic_dir
 from lorasp_dist.config import ConfigError
-from lorasp_dist.model.presets import PRESETS
 from lorasp_dist.model.quant import quantization_config, quantize_nf4
+from lorasp_dist.presets import PRESETS
 
 INIT_STD = 0.02  # LlamaConfig.initializer_range
 

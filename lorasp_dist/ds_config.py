@@ -1,5 +1,9 @@
 """The DeepSpeed config: a template from ds_configs/ plus everything derived from the run config, so the user never
-writes the same number twice (batch sizes, clipping and precision come from `train.*`)."""
+writes the same number twice (batch sizes, clipping and precision come from `train.*`).
+
+`build_ds_config` is the one place a template is read and merged: the engine hands its dict to
+`deepspeed.initialize`, and the memory plan reads the same dict.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,13 @@ def _merge(base: dict, over: dict, where: str = "deepspeed.overrides") -> dict:
     return base
 
 
+def offloaded(ds: dict, what: str) -> bool:
+    """Whether DeepSpeed puts `what` (offload_optimizer or offload_param) in host memory: as DeepSpeed decides it
+    (runtime/zero/stage3.py), the section is there and its device is not `none`."""
+    section = ds.get("zero_optimization", {}).get(what) or {}
+    return section.get("device", "none") not in ("none", None)
+
+
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     t = cfg.train
     ds = _merge(copy.deepcopy(load_template(cfg.deepspeed.config)), copy.deepcopy(cfg.deepspeed.overrides))
@@ -46,7 +57,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
             "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
         },
     )
-    if "offload_optimizer" not in ds["zero_optimization"]:
+    if not offloaded(ds, "offload_optimizer"):
         # torch's own AdamW on the device: DeepSpeed's FusedAdam would be JIT-built by nvcc for little gain on
         # LoRA-sized parameter counts. With offload, DeepSpeed's C++ CPU Adam steps in pinned host memory instead.
         ds["optimizer"]["params"]["torch_adam"] = True

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorasp_dist.config import LLAMA_PROJECTIONS, ConfigError, RunConfig
+from lorasp_dist.ds_config import build_ds_config, offloaded
 from lorasp_dist.lorasp.masks import trainable_count
-from lorasp_dist.model.presets import PRESETS, Preset
-
-KiB, MiB, GiB, TiB = 2**10, 2**20, 2**30, 2**40
+from lorasp_dist.presets import PRESETS, Preset
+from lorasp_dist.sizes import GiB, MiB
 
 # GPU memory outside PyTorch's allocator: CUDA context, cuBLAS/cuBLASLt workspaces, NCCL communicator. On an H100
 # 80GB (torch 2.11+cu130, driver 580) NVML used minus torch reserved was 621 MiB after CUDA init, 683 MiB after a
@@ -84,6 +83,13 @@ GPU_COMPONENTS = (
 )
 CPU_HOST_COMPONENTS = ("library_imports", "runtime_overhead", "allocator_retention")  # zero on CUDA plans
 HOST_COMPONENTS = ("process_base", "offloaded_optimizer", "offloaded_params", "pinned_buffers", *CPU_HOST_COMPONENTS)
+# What the adapter costs a rank, GPU and host together: its parameters, frozen values and masks (wherever ZeRO-3
+# keeps them), and the gradients and optimizer state of its trainable entries. Not counted: the reduce bucket (a
+# fixed reduce_bucket_size buffer, the same for every variant) and the dense A and B rebuilt at each forward
+# (activations).
+ADAPTER_TERMS = ("params", "frozen", "masks", "gradients", "optimizer")
+RUNTIME_COMPONENTS = ("cuda_context", "process_base", "library_imports", "runtime_overhead")
+_ADAPTER_COMPONENTS = {"lorasp_params": "params", "lorasp_frozen": "frozen", "lorasp_masks": "masks"}
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py) for keys a template leaves out.
 _ZERO_DEFAULTS = {
@@ -95,27 +101,6 @@ _ZERO_DEFAULTS = {
     "stage3_max_reuse_distance": 1_000_000_000,
     "sub_group_size": 1_000_000_000,
 }
-
-_SIZE_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int, what: str = "memory size") -> int:
-    """"80GiB", "24GB", "512MiB", "1.5TiB" or a plain integer (bytes) -> bytes; anything else is a ConfigError."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = _SIZE_RE.match(str(text))
-    unit = m and (m.group(2).lower() or ("b" if m.group(1).isdigit() else None))
-    if not m or unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
-        raise ConfigError(
-            f"{what} = {str(text)!r}: not a memory size; accepted: a positive number of bytes, or a number with a unit "
-            "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 80GiB, 24GB, 1.5TiB"
-        )
-    return int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
-
 
 def gib(n: float) -> float:
     return n / GiB
@@ -136,9 +121,10 @@ class MemoryPlan:
     full_ft_breakdown: dict[str, int] = field(default_factory=dict)
     device: str = "cuda"
     peak_phase: str = "layer"  # "loss" or "layer": which moment of the backward pass is the peak
-    settings: dict[str, Any] = field(default_factory=dict)  # the other plan_memory arguments, to re-plan
+    settings: dict[str, Any] = field(default_factory=dict)  # the other plan_memory arguments (ds: the DeepSpeed dict)
     shape: dict[str, Any] = field(default_factory=dict)  # the Preset's fields
     counts: dict[str, int] = field(default_factory=dict)  # parameter counts behind the bytes
+    adapter: dict[str, int] = field(default_factory=dict)  # ADAPTER_TERMS -> bytes per rank, GPU and host together
 
     @property
     def gpu_total(self) -> int:
@@ -158,11 +144,24 @@ class MemoryPlan:
         return (self.gpu_total + self.host_total) * self.world_size
 
     @property
+    def runtime_per_rank(self) -> int:
+        """What a rank pays before it holds a tensor: Python, torch and the libraries, the CUDA context."""
+        return sum(self.gpu.get(k, 0) + self.host.get(k, 0) for k in RUNTIME_COMPONENTS)
+
+    @property
     def full_ft_ratio(self) -> float:
-        return self.cluster_total / self.full_ft_bytes if self.full_ft_bytes else math.nan
+        """The cluster total against a full fine-tune, like with like: the full fine-tune's figure counts no
+        runtime, so neither does this side."""
+        ours = self.cluster_total - self.runtime_per_rank * self.world_size
+        return ours / self.full_ft_bytes if self.full_ft_bytes else math.nan
+
+    @property
+    def adapter_total(self) -> int:
+        return sum(self.adapter.values())
 
     def replan(self, **changes) -> MemoryPlan:
-        """The same run with some arguments of plan_memory changed (e.g. variant="lora", ds_config=...)."""
+        """The same run with some arguments of plan_memory changed (e.g. variant="lora", r=64). The DeepSpeed dict
+        stays: a different ds_config or micro-batch is a different config (plan_for_config)."""
         kw = dict(
             world_size=self.world_size, micro_batch=self.micro_batch, seq_len=self.seq_len, ds_config=self.ds_config,
             gradient_checkpointing=self.gradient_checkpointing, variant=self.variant, device=self.device,
@@ -178,7 +177,7 @@ class MemoryPlan:
         d = asdict(self)
         d.update(
             gpu_total=self.gpu_total, host_total=self.host_total, gpu_peak_reserved=self.gpu_peak_reserved,
-            cluster_total=self.cluster_total,
+            cluster_total=self.cluster_total, adapter_total=self.adapter_total,
         )
         return json.loads(json.dumps(d))  # plain JSON types only (tuples -> lists)
 
@@ -190,7 +189,7 @@ class MemoryPlan:
 
 @dataclass(frozen=True)
 class ZeroSettings:
-    """The zero_optimization keys the model reads, from a ds_configs/ template plus overrides."""
+    """The zero_optimization keys the model reads, from the dict build_ds_config gives deepspeed.initialize."""
 
     reduce_bucket: int
     prefetch_bucket: int
@@ -203,22 +202,14 @@ class ZeroSettings:
     offload_param: bool
 
     @classmethod
-    def load(cls, ds_config: str, overrides: dict | None = None) -> ZeroSettings:
-        from lorasp_dist.engine.ds_config import load_template
-
-        zero = dict(load_template(ds_config).get("zero_optimization", {}))
-        for k, v in ((overrides or {}).get("zero_optimization") or {}).items():
-            zero[k] = {**zero[k], **v} if isinstance(v, dict) and isinstance(zero.get(k), dict) else v
+    def from_ds(cls, ds: dict) -> ZeroSettings:
+        zero = ds.get("zero_optimization", {})
         num = {k: int(float(zero.get(k, d))) for k, d in _ZERO_DEFAULTS.items()}
-
-        def offloaded(key: str) -> bool:
-            return (zero.get(key) or {}).get("device", "none") not in ("none", None)
-
         return cls(
             num["reduce_bucket_size"], num["stage3_prefetch_bucket_size"], num["stage3_param_persistence_threshold"],
             num["stage3_model_persistence_threshold"], num["stage3_max_live_parameters"],
-            num["stage3_max_reuse_distance"], num["sub_group_size"], offloaded("offload_optimizer"),
-            offloaded("offload_param"),
+            num["stage3_max_reuse_distance"], num["sub_group_size"], offloaded(ds, "offload_optimizer"),
+            offloaded(ds, "offload_param"),
         )
 
 
@@ -238,13 +229,31 @@ def nf4_bytes(numel: int) -> tuple[int, int]:
     return storage_elems * QUANT_STORAGE_BYTES, constants
 
 
-def _lora_ratio(variant: str, which: str, ratio: float) -> float:
-    # Mirrors LoRASPLinear._ratio.
-    if variant == "lora":
-        return 1.0
-    if variant == "lora-fa":
-        return 0.0 if which == "A" else 1.0
-    return ratio
+def _matrix_ratios(variant: str, ratio: float) -> tuple[float, float]:
+    """The trainable fraction of A and of B (LoRASPLinear._ratio)."""
+    return {"lora": (1.0, 1.0), "lora-fa": (0.0, 1.0)}.get(variant, (ratio, ratio))
+
+
+def adapter_storage(variant: str, out_f: int, in_f: int, r: int, ratio: float, keep_frozen: bool = False,
+                    elem_bytes: int = 2) -> list[tuple[str, int, int, bool]]:
+    """What one target projection's adapter stores, as lorasp/layer.py's SparseMatrix lays out each of A (r × in)
+    and B (out × r): (component, elements, bytes per element, trainable) per tensor, every one a ZeRO-3 parameter,
+    partitioned like the base.
+
+    Per matrix: its trainable entries, packed; its frozen entries, packed, unless they are all zero (B's, from its
+    zero init) and no resample will fill them (`keep_frozen`: lorasp.resample_every > 0); a mask of one bit per
+    entry, packed in bytes, when part of the matrix trains. So lora is peft's layout (a dense A and B, all trainable,
+    no mask), lora-fa stores A frozen whole and no mask, and lorasp stores half of A and of B trainable, A's frozen
+    half, and two masks. (Each matrix also holds BIT_VALUES, an 8-byte lookup buffer: left out.)
+    """
+    ratios = _matrix_ratios(variant, ratio)
+    stored = []
+    for numel, part_ratio, zero_init in ((r * in_f, ratios[0], False), (out_f * r, ratios[1], True)):
+        t = trainable_count(numel, part_ratio)
+        stored.append(("lorasp_params", t, elem_bytes, True))
+        stored.append(("lorasp_frozen", (numel - t) * (keep_frozen or not zero_init), elem_bytes, False))
+        stored.append(("lorasp_masks", math.ceil(numel / 8) * (0 < t < numel), 1, False))
+    return [t for t in stored if t[1]]
 
 
 @dataclass
@@ -260,11 +269,11 @@ class _Param:
 
 
 def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: int, ratio: float,
-                lora_bytes: int) -> tuple[list[_Param], dict[str, int]]:
-    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants, LoRA buffers)."""
+                keep_frozen: bool, lora_bytes: int) -> tuple[list[_Param], dict[str, int]]:
+    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants)."""
     full = variant == "full"
     params = [_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "embed_tokens")]
-    fixed = {"quant_constants": 0, "lorasp_frozen": 0, "lorasp_masks": 0}
+    fixed = {"quant_constants": 0}
     shapes = p.linear_shapes()
     for layer in range(p.num_hidden_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -279,18 +288,17 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
                 params.append(_Param("bf16_weights", out_f * in_f, BASE_BYTES, full, layer, name))
             if full or name not in targets:
                 continue
-            for which, numel in (("A", r * in_f), ("B", out_f * r)):
-                t = trainable_count(numel, _lora_ratio(variant, which, ratio))
-                if t:
-                    params.append(_Param("lorasp_params", t, lora_bytes, True, layer, f"{name}.lora_{which}"))
-                fixed["lorasp_frozen"] += (numel - t) * lora_bytes  # a buffer: every rank holds all of it
-                fixed["lorasp_masks"] += 4 * numel  # the int32 slot map (layer.SparseMatrix), 4 B per entry
+            for i, (component, numel, elem_bytes, trainable) in enumerate(
+                adapter_storage(variant, out_f, in_f, r, ratio, keep_frozen, lora_bytes)
+            ):
+                params.append(_Param(component, numel, elem_bytes, trainable, layer, f"{name}.adapter{i}"))
     params.append(_Param("bf16_weights", p.hidden_size, BASE_BYTES, full, None, "norm"))
     params.append(_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "lm_head"))
     return params, fixed
 
 
-def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, gc: bool) -> dict[str, int]:
+def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, gc: bool,
+                 masked_entries: int = 0) -> dict[str, int]:
     """Activation bytes of the backward pass's two candidate peaks (bf16, SDPA attention: no seq² term).
 
     Per token and decoder layer: Korthikanti et al. 2022's accounting of saved tensors, redone for LLaMA as
@@ -302,7 +310,9 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
       rotated q, k and v: e·(h + 2·kv); SDPA output e·h (flash/efficient kernels write it as (b, s, heads, d), so
         o_proj's input is the same storage) and logsumexp 4·heads (fp32)
       SwiGLU: gate out (SiLU input), SiLU out, up out: 3·e·i
-      LoRA x·Aᵀ per target: e·r; per layer, not per token, each target's dense A and B: e·r·(in + out)
+      LoRA x·Aᵀ per target: e·r; per layer, not per token, each target's dense A and B: e·r·(in + out), and for
+        each matrix that trains in part (`masked_entries` per layer) what its rebuild saves: the int32 gather index
+        and the bool mask, 5 B an entry
     Without checkpointing layer 0's input norm saves nothing (the embeddings are frozen), which cancels the final
     norm's 4h + 4. Checkpointed (non-reentrant): each layer's input hidden state (e·h) is kept, the final norm's
     saves (4h + 4) sit outside any checkpoint, and the layer under backward is recomputed whole. Backward working
@@ -326,7 +336,7 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
         + e * r * len(lora)
     )
     shapes = p.linear_shapes()
-    per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora)
+    per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora) + 5 * masked_entries
     layer = per_token * tokens + per_layer_fixed
     final = (norm + e * h * full) * tokens  # final RMSNorm (+ the lm_head input when the lm_head trains)
     if gc:
@@ -368,21 +378,25 @@ def plan_memory(
     preset: str | Preset,
     world_size: int,
     *,
+    ds: dict,
+    ds_config: str = "custom",
     micro_batch: int = 1,
     seq_len: int = 2048,
     r: int = 16,
     ratio: float = 0.5,
     targets: list[str] | tuple[str, ...] = tuple(LLAMA_PROJECTIONS),
     variant: str = "lorasp",
-    ds_config: str = "zero3",
+    resample_every: int = 0,
     gradient_checkpointing: bool = True,
     device: str = "cuda",
-    ds_overrides: dict | None = None,
     vocab_size: int | None = None,
     precision: str = "bf16",
     quantize: bool = True,
 ) -> MemoryPlan:
-    """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory."""
+    """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
+
+    `ds` is the DeepSpeed config dict (ds_config.build_ds_config: what deepspeed.initialize receives); `ds_config`
+    only names it. plan_for_config fills every argument from a run config."""
     name, p = resolve_preset(preset)
     if vocab_size:
         p = Preset(**{**asdict(p), "vocab_size": vocab_size})
@@ -394,20 +408,21 @@ def plan_memory(
         raise ConfigError(f"variant = {variant!r}: accepted: lorasp, lora, lora-fa, full")
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device = {device!r}: accepted: cuda, cpu")
-    zero = ZeroSettings.load(ds_config, ds_overrides)
+    zero = ZeroSettings.from_ds(ds)
     cuda = device == "cuda"
     # On CPU "offloading" moves bytes between two names for the same memory; plan it as one place.
     offload_opt, offload_param = zero.offload_optimizer and cuda, zero.offload_param and cuda
     full = variant == "full"
     quantized = quantize and not full
-    lora_bytes = 4 if precision == "fp32" else 2  # LoRA-SP values, their grads and buffers follow train.precision
+    lora_bytes = 4 if precision == "fp32" else 2  # LoRA-SP values, their grads and frozen halves: train.precision
     targets = list(targets)
     W = world_size
 
-    params, fixed = _parameters(p, variant, quantized, targets, r, ratio, lora_bytes)
+    params, fixed = _parameters(p, variant, quantized, targets, r, ratio, resample_every > 0, lora_bytes)
     gpu = dict.fromkeys(GPU_COMPONENTS, 0)
     host = dict.fromkeys(HOST_COMPONENTS + GPU_COMPONENTS, 0)
-    gpu.update(fixed)  # quant constants and LoRA-SP buffers are not parameters: ZeRO-3 never partitions them
+    gpu.update(fixed)  # quant constants are not parameters: ZeRO-3 never partitions them
+    adapter = dict.fromkeys(ADAPTER_TERMS, 0)
 
     # ZeRO-3 partitions each parameter into ceil(numel / W) elements per rank (padded). A parameter of at most
     # stage3_param_persistence_threshold elements (while the persisted total stays under the model threshold / W)
@@ -426,14 +441,17 @@ def plan_memory(
             and persisted + prm.numel <= zero.model_persistence_threshold // W
         )
         traversed_layer[prm.layer] = traversed_layer.get(prm.layer, 0) + prm.numel
+        resident = ((prm.numel * (W > 1) if persist else 0) + part) * prm.elem_bytes
+        if prm.component in _ADAPTER_COMPONENTS:
+            adapter[_ADAPTER_COMPONENTS[prm.component]] += resident  # on the GPU or the host
         if persist:
             persisted += prm.numel
-            gpu[prm.component] += (prm.numel * (W > 1) + part) * prm.elem_bytes
+            gpu[prm.component] += resident
         else:
             if offload_param:
-                host["offloaded_params"] += part * prm.elem_bytes
+                host["offloaded_params"] += resident
             else:
-                gpu[prm.component] += part * prm.elem_bytes
+                gpu[prm.component] += resident
             if prm.layer is not None:
                 gathered_layer[prm.layer] = gathered_layer.get(prm.layer, 0) + prm.numel * prm.elem_bytes
                 largest = max(largest, prm.numel)
@@ -451,14 +469,16 @@ def plan_memory(
     bucket_bytes = bucket * grad_bytes if trainable_full else 0
     optimizer = 12 * trainable_part  # fp32 master + Adam m + v, partitioned
     if offload_opt:
+        gradients = trainable_part * (grad_bytes + 4)
         gpu["gradients"] = bucket_bytes
         host["offloaded_optimizer"] = optimizer
-        host["pinned_buffers"] = trainable_part * (grad_bytes + 4)
+        host["pinned_buffers"] = gradients
     else:
-        gpu["gradients"] = (
-            trainable_part * grad_bytes + bucket_bytes + 4 * min(trainable_part, zero.sub_group_size)
-        )
+        gradients = trainable_part * grad_bytes + 4 * min(trainable_part, zero.sub_group_size)
+        gpu["gradients"] = gradients + bucket_bytes
         gpu["optimizer_states"] = optimizer
+    if not full:  # only adapter entries train; the reduce bucket is a fixed buffer of reduce_bucket_size
+        adapter.update(gradients=gradients, optimizer=optimizer)
 
     # ZeRO-3 gathers (partitioned_param_coordinator.py), valued at the two candidate peaks, both in the backward.
     # - Reuse: a released parameter stays gathered when its next use comes within stage3_max_reuse_distance elements
@@ -491,7 +511,10 @@ def plan_memory(
     # CPU a window ahead of the GPU), bounded by what the step still uses; it is reserved, not allocated.
     gather_pending = min(window, ahead - window) if cuda and gathers_allocate else 0
 
-    act = _activations(p, seq_len * micro_batch, targets, r, full, gradient_checkpointing)
+    masked = sum(n for out_f, in_f in (p.linear_shapes()[t] for t in targets if not full)
+                 for n, matrix_ratio in zip((r * in_f, out_f * r), _matrix_ratios(variant, ratio))
+                 if 0 < trainable_count(n, matrix_ratio) < n)
+    act = _activations(p, seq_len * micro_batch, targets, r, full, gradient_checkpointing, masked)
     # bitsandbytes dequantizes the whole 4-bit weight to bf16 for a matmul over many tokens, forward and backward.
     dequant = max(o * i for o, i in p.linear_shapes().values()) * BASE_BYTES if quantized else 0
     phases = {
@@ -524,9 +547,10 @@ def plan_memory(
         preset=name, world_size=W, micro_batch=micro_batch, seq_len=seq_len, ds_config=ds_config,
         gradient_checkpointing=gradient_checkpointing, variant=variant, gpu=gpu, host=host,
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
-        settings=dict(r=r, ratio=ratio, targets=targets, precision=precision, quantize=quantize,
-                      vocab_size=vocab_size, ds_overrides=ds_overrides or {}),
+        settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
+                      quantize=quantize, vocab_size=vocab_size),
         shape=asdict(p),
+        adapter=adapter,
         counts=dict(
             num_params=p.num_params(), linear_params=linear, trainable_params=trainable_full,
             trainable_per_rank=trainable_part, persistent_elements=persisted, retained_layers=retained,
@@ -554,8 +578,9 @@ def preset_from_checkpoint(path: str | Path) -> Preset:
         raise ConfigError(f"model.path = '{path}': config.json has no {e.args[0]!r}; not a LLaMA-style model") from None
 
 
-def plan_kwargs(cfg: RunConfig) -> tuple[str | Preset, dict[str, Any]]:
-    """(preset, plan_memory keyword arguments) for a run config."""
+def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: dict | None = None) -> MemoryPlan:
+    """The plan of a run config on `world_size` ranks, from the very DeepSpeed dict the engine passes to
+    deepspeed.initialize: `ds`, or build_ds_config(cfg, world_size) made here."""
     if cfg.model.path is not None:
         preset: str | Preset = preset_from_checkpoint(cfg.model.path)
         vocab = None
@@ -563,17 +588,14 @@ def plan_kwargs(cfg: RunConfig) -> tuple[str | Preset, dict[str, Any]]:
         preset = cfg.model.preset
         vocab = cfg.data.vocab_size if preset == "tiny" else None  # as model.load.ensure_base builds it
     lo, t = cfg.lorasp, cfg.train
-    return preset, dict(
+    plan = plan_memory(
+        preset, world_size, ds=build_ds_config(cfg, world_size) if ds is None else ds,
+        ds_config=cfg.deepspeed.config, device=device,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len, r=lo.r, ratio=lo.ratio,
-        targets=list(lo.target_modules), variant=lo.variant, ds_config=cfg.deepspeed.config,
-        gradient_checkpointing=t.gradient_checkpointing, ds_overrides=cfg.deepspeed.overrides, vocab_size=vocab,
-        precision=t.precision, quantize=cfg.model.quantize,
+        targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
+        gradient_checkpointing=t.gradient_checkpointing, vocab_size=vocab, precision=t.precision,
+        quantize=cfg.model.quantize,
     )
-
-
-def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda") -> MemoryPlan:
-    preset, kw = plan_kwargs(cfg)
-    plan = plan_memory(preset, world_size, device=device, **kw)
     if cfg.model.path is not None:
         plan.preset = str(cfg.model.path)
     return plan
