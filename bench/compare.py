@@ -92,11 +92,10 @@ def main() -> int:
                     if proc.returncode != 0 or not lines:
                         failures.append({"system_label": system, "micro_batch": mbs, "returncode": proc.returncode})
                         continue
-                    for line in lines:
-                        rec = json.loads(line)
-                        records.append({**rec, "system_label": system, "compare_id": compare_id, "repeat": repeat})
-    if records:
-        append_records(records, Path(a.results))
+                    new = [{**json.loads(line), "system_label": system, "compare_id": compare_id, "repeat": repeat}
+                           for line in lines]
+                    append_records(new, Path(a.results))  # now: a call cut short keeps every run it finished
+                    records += new
     rows = summarize(records, failures)
     cols = ["system", "micro_batch", "runs", "tokens_per_s_per_gpu", "tokens_per_s_lo", "tokens_per_s_hi", "mfu",
             "peak_reserved_gib", "peak_nvml_gib", "ours_over_this", "failed"]
