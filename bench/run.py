@@ -16,6 +16,7 @@ the recomputation of gradient checkpointing is not counted as useful work.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import statistics
@@ -76,8 +77,11 @@ def collect(run_dir: Path, n: int, preset: str) -> dict:
     tps = statistics.median(steady)
     ranks = sorted((run_dir / "memory").glob("rank*.jsonl"))
     peak = {k: 0.0 for k in ("reserved", "nvml", "rss", "load_reserved")}
+    load_s = None
     for f in ranks:
         for rec in read_jsonl(f):
+            if rec.get("phase") == "load" and rec.get("rank") == 0:
+                load_s = rec["dt"]
             peak["reserved"] = max(peak["reserved"], rec.get("cuda_reserved_peak_bytes") or 0)
             peak["nvml"] = max(peak["nvml"], rec.get("nvml_used_peak_bytes") or 0)
             peak["rss"] = max(peak["rss"], rec.get("host_rss_peak_bytes") or 0)
@@ -85,7 +89,6 @@ def collect(run_dir: Path, n: int, preset: str) -> dict:
                 peak["load_reserved"] = max(peak["load_reserved"], rec.get("cuda_reserved_peak_bytes") or 0)
     plan_file = run_dir / "memory" / "plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-    summary = json.loads((run_dir / "summary.json").read_text())
     n_params = PRESETS[preset].num_params()
     return {
         "tokens_per_s_per_gpu": tps,
@@ -98,7 +101,7 @@ def collect(run_dir: Path, n: int, preset: str) -> dict:
         "host_rss_gib": peak["rss"] / GiB,
         # GPU + host, every rank; a pinned page counts in both NVML-free host RSS, so this is an upper bound
         "cluster_total_gb": n * (max(peak["nvml"], peak["reserved"]) + peak["rss"]) / 1e9,
-        "load_s": summary.get("load_s"),
+        "load_s": load_s,
         "load_peak_reserved_gib": peak["load_reserved"] / GiB,
         "predicted_peak_gib": plan["gpu_peak_reserved"] / GiB if plan.get("gpu_peak_reserved") else None,
         "full_ft_gb": plan["full_ft_bytes"] / 1e9 if plan.get("full_ft_bytes") else None,
@@ -120,6 +123,11 @@ def main() -> int:
     p.add_argument("--work", default=os.environ.get("LORASP_BENCH_WORK", "/tmp/lorasp-bench"))
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--run-id", default=None)
+    p.add_argument("--git-rev", default=None, help="with --collect: the revision the runs were made at")
+    p.add_argument("--device", default=None, help="with --collect: the device the runs were made on")
+    p.add_argument("--collect", type=Path, nargs="*", default=[], metavar="RUN_DIR",
+                   help="write records from these finished run directories (of a device call that ended before it "
+                   "wrote them) instead of running anything; --preset and --micro-batch describe them")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more config overrides for every run, e.g. train.profile_steps=[5] deepspeed.fetch=module")
     a = p.parse_args()
@@ -134,6 +142,8 @@ def main() -> int:
     work, results = Path(a.work), Path(a.results)
     run_id = a.run_id or new_run_id("lorasp")
     ctx = context(run_id)
+    if a.collect:
+        return collect_only(a, ctx)
     n = gpus()
     rows, records, reports = [], [], []
     for preset, ds, mbs in configs:
@@ -172,6 +182,25 @@ def main() -> int:
                 if (run_dir / f).is_file():
                     tar.add(run_dir / f, arcname=f"{run_dir.name}/{f}")
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def collect_only(a, ctx: dict) -> int:
+    """Records from run directories that exist already; the device, revision and date are the run's own."""
+    records = []
+    for run_dir in a.collect:
+        meta = json.loads((run_dir / "memory" / "plan.json").read_text())
+        n = meta["world_size"]
+        wall = read_jsonl(run_dir / "metrics" / "rank0.jsonl")[-1]["time"]
+        date = dt.datetime.fromtimestamp(wall, dt.timezone.utc).isoformat(timespec="seconds")
+        records.append({
+            "run_id": run_dir.name, "date": date,
+            "git_rev": a.git_rev, "device": a.device, "system": "lorasp", "preset": a.preset, "gpus": n,
+            "ds_config": a.ds_config, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "rank": a.rank,
+            "variant": a.variant, "via": a.via, "collected_by": ctx["command"], **collect(run_dir, n, a.preset),
+        })
+        print(json.dumps(records[-1]), flush=True)
+    append_records(records, Path(a.results))
+    return 0
 
 
 if __name__ == "__main__":
