@@ -4,9 +4,9 @@ Every sequence is built as training builds it, by lorasp_dist.data.Template: the
 has one (else `bos + PROMPT_TEMPLATE(prompt)`), so a score reads the same tokens the adapter was trained on. The base
 is loaded as training loads it (NF4 4-bit, lorasp_dist.model.load) unless --dense asks for the dense checkpoint.
 Metrics:
-- exact_match: greedy generation from the prompt; its first line must equal the response (or one of `targets`) after
-  `normalize`: lowercased, punctuation removed, runs of whitespace made one space, stripped. Nothing else is
-  forgiven: "cats" and "cat", or "4" and "four", differ.
+- exact_match: greedy generation from the prompt; its first non-blank line must equal the response (or one of
+  `targets`) after `normalize`, applied to both: lowercased, punctuation deleted, runs of whitespace made one space,
+  stripped. Nothing else is forgiven: "cats" and "cat", or "4" and "four", differ.
 - multiple_choice: the summed log-probability of each choice's tokens after the prompt, every choice of a record in
   one batch that reuses the prompt's KV cache; the argmax is the answer, graded by `choice_scores` when the record
   has them (BIG-bench's multiple_choice_grade), else against `answer_index`.
@@ -59,11 +59,11 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def normalize(text: str) -> str:
-    """What exact match compares: the first non-blank line, lowercased, without punctuation (Unicode P*), runs of
-    whitespace made one space, stripped."""
+    """What exact match compares: the first non-blank line, lowercased, with punctuation (Unicode P*) deleted and
+    runs of whitespace made one space, stripped. "U.S.A.!" and " usa" match; "cats" and "cat" do not."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     first = lines[0].lower() if lines else ""
-    kept = "".join(c if not unicodedata.category(c).startswith("P") else " " for c in first)
+    kept = "".join(c for c in first if not unicodedata.category(c).startswith("P"))
     return re.sub(r"\s+", " ", kept).strip()
 
 

@@ -332,7 +332,7 @@ class Recipe:
         # The step's loss is the mean over the scored tokens of all its micro-batches on all ranks, not a mean of
         # per-row means: each micro-batch's summed loss is divided by the step's count. DeepSpeed then divides the
         # gradients by grad_accum (backward) and by the world size (the reduce-scatter), so the count is too.
-        scored = torch.stack([scored_tokens(b["labels"]) for b in batches]).sum().float().reshape(1)
+        scored = torch.stack([scored_tokens(b["labels"]) for b in batches]).sum().float()
         torch.distributed.all_reduce(scored)
         per_micro_batch = scored / (t.grad_accum * self.world)
         loss_sum, tokens = torch.zeros((), device=self.device), 0
