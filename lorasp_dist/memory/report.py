@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError
+from lorasp_dist.model.presets import PRESETS
 
 GiB = 2**30
 GB = 10**9
@@ -166,8 +167,6 @@ def _gpu_peak(s: dict) -> int:
 
 def _num_params(plan: dict) -> int | None:
     """The plan's own count; else the preset's (plans written before `counts` existed)."""
-    from lorasp_dist.model.presets import PRESETS
-
     counted = (plan.get("counts") or {}).get("num_params")
     preset = PRESETS.get(plan.get("preset") or "")
     return counted or (preset.num_params() if preset else None)
@@ -269,7 +268,8 @@ def render_markdown(report: dict, charts: list[str]) -> str:
     md = [f"# Memory report: {Path(report['run_dir']).name}", "",
           "Units: per-rank memory in **GiB** (2^30 bytes); the full fine-tune comparison in **GB** (10^9 bytes).",
           f"Device: {report['device'].upper()}, {len(ranks)} rank(s) measured of world size {report['world_size']}."
-          + (f" Plan: preset `{plan.get('preset')}`, `{plan.get('ds_config')}`, micro-batch {plan.get('micro_batch')}"
+          + (f" Plan: {'preset' if plan.get('preset') in PRESETS else 'checkpoint'} `{plan.get('preset')}`, "
+             f"`{plan.get('ds_config')}`, micro-batch {plan.get('micro_batch')}"
              f", seq len {plan.get('seq_len')}, gradient checkpointing {plan.get('gradient_checkpointing')}"
              f", variant `{plan.get('variant')}`." if plan else ""), ""]
 
