@@ -7,9 +7,9 @@ Metrics:
 - exact_match: greedy generation from the prompt; its first non-blank line must equal the response (or one of
   `targets`) after `normalize`, applied to both: lowercased, punctuation deleted, runs of whitespace made one space,
   stripped. Nothing else is forgiven: "cats" and "cat", or "4" and "four", differ.
-- multiple_choice: the summed log-probability of each choice's tokens after the prompt, every choice of a record in
-  one batch that reuses the prompt's KV cache; the argmax is the answer, graded by `choice_scores` when the record
-  has them (BIG-bench's multiple_choice_grade), else against `answer_index`.
+- multiple_choice: the summed log-probability of each choice's tokens after the prompt; a batch of prompts runs once,
+  then all their choices in one batch on the prompts' KV cache. The argmax is the answer, graded by `choice_scores`
+  when the record has them (BIG-bench's multiple_choice_grade), else against `answer_index`.
 - loss: mean cross-entropy per answer token (the answer as training scores it: with its end of turn or eos).
 Per-example predictions (input, prediction, target, correct) go beside the score (`--out X.json` ->
 `X.predictions.jsonl`).
@@ -123,23 +123,39 @@ def continuation_logprobs(
 
 
 @torch.no_grad()
-def choice_logprobs(model, prompt: list[int], choices: list[list[int]], pad: int) -> list[float]:
-    """The summed log-probability of each choice's tokens after `prompt`: the prompt runs once, then every choice
-    runs in one batch on the prompt's KV cache (right-padded: causal attention never lets a token see the padding
-    after it)."""
+def choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad: int) -> list[list[float]]:
+    """For each (prompt ids, [choice ids, ...]): the summed log-probability of each choice's tokens after the prompt.
+
+    The prompts of `items` run once, left-padded, in one batch; then every choice of every item runs in a second
+    batch on its own prompt's KV cache, right-padded (causal attention never lets a token see the padding after it).
+    """
     device = _device(model)
-    head = model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    first = head.logits[0, -1].float().log_softmax(-1)  # the distribution of each choice's first token
-    scores = [first[c[0]].item() if c else 0.0 for c in choices]
-    width = max(len(c) for c in choices)
-    if width < 2:
+    width = max(len(p) for p, _ in items)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in items], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in items], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0 whatever its padding
+    head = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = head.logits[:, -1].float().log_softmax(-1)  # the distribution of each choice's first token
+    scores = [[first[i, c[0]].item() if c else 0.0 for c in choices] for i, (_, choices) in enumerate(items)]
+    owner = [i for i, (_, choices) in enumerate(items) for _ in choices]
+    flat = [c for _, choices in items for c in choices]
+    longest = max(len(c) for c in flat)
+    if longest < 2:
         return scores
     cache = head.past_key_values
-    cache.batch_repeat_interleave(len(choices))
-    ids = torch.tensor([c + [pad] * (width - len(c)) for c in choices], device=device)
-    lp = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, :-1].float().log_softmax(-1)
+    cache.batch_select_indices(torch.tensor(owner, device=device))
+    ids = torch.tensor([c + [pad] * (longest - len(c)) for c in flat], device=device)
+    mask = torch.cat([mask[owner], torch.ones_like(ids)], dim=1)
+    positions = torch.tensor([[len(items[i][0]) + t for t in range(longest)] for i in owner], device=device)
+    lp = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+               use_cache=True).logits[:, :-1].float().log_softmax(-1)
     rest = lp.gather(-1, ids[:, 1:, None])[..., 0]  # log p(ids[t] | prompt, ids[:t]), t >= 1
-    return [s + rest[i, : max(0, len(c) - 1)].sum().item() for i, (s, c) in enumerate(zip(scores, choices))]
+    k = 0
+    for row in scores:
+        for j in range(len(row)):
+            row[j] += rest[k, : max(0, len(flat[k]) - 1)].sum().item()
+            k += 1
+    return scores
 
 
 @torch.no_grad()
@@ -195,12 +211,14 @@ def evaluate(
                 predictions.append({"input": r["prompt"], "prediction": o, "target": targets, "correct": correct})
             value = sum(p["correct"] for p in predictions) / len(predictions)
         elif metric == "multiple_choice":
-            predictions, grades = [], []
-            pad = _pad_id(tokenizer)
-            for r in records:
+            predictions, grades, items = [], [], []
+            for r in records:  # every choice shares its prompt's tokens (Template.continued keeps them a prefix)
                 seqs = form.continued([r["prompt"]] * len(r["choices"]), r["choices"])
-                n_prompt = seqs[0][1]
-                lp = choice_logprobs(model, seqs[0][0][:n_prompt], [ids[n_prompt:] for ids, _ in seqs], pad)
+                items.append((seqs[0][0][: seqs[0][1]], [ids[n:] for ids, n in seqs]))
+            logprobs = []
+            for lo in range(0, len(items), batch_size):
+                logprobs += choice_logprobs(model, items[lo : lo + batch_size], _pad_id(tokenizer))
+            for r, lp in zip(records, logprobs):
                 pick = max(range(len(lp)), key=lp.__getitem__)
                 grades.append(r["choice_scores"][pick] if "choice_scores" in r else float(pick == r["answer_index"]))
                 predictions.append({"input": r["prompt"], "prediction": r["choices"][pick],
