@@ -105,7 +105,8 @@ def cmd_eval(args) -> int:
 
     result = run_eval(
         args.target, args.data, args.metric, base=args.base, tokenizer=args.tokenizer, max_examples=args.max_examples,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out, dense=args.dense,
+        template=args.template,
     )
     print(json.dumps(result))
     return 0
@@ -138,7 +139,14 @@ def _add_quality_commands(sub) -> None:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", default=None, help="also write the result to this JSON file")
+    p.add_argument("--out", default=None,
+                   help="also write the result to this JSON file, and per-example predictions beside it "
+                        "(OUT.predictions.jsonl)")
+    p.add_argument("--dense", action="store_true",
+                   help="score on the dense base checkpoint (default: the base as training loads it, NF4 4-bit)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], default=None,
+                   help="how examples are rendered (default: the run's data.template, else auto: the tokenizer's "
+                        "chat template when it has one)")
     p.set_defaults(func=cmd_eval)
 
 

@@ -60,9 +60,17 @@ class LoRASPConfig(_Section):
 
 class ModelConfig(_Section):
     preset: str | None = "tiny"  # synthetic base with exact LLaMA shapes, built directly in 4-bit
-    path: Path | None = None  # a local HF checkpoint (bf16/fp32 safetensors or our pre-quantized 4-bit)
+    path: Path | None = None  # a local HF checkpoint (bf16/fp32 safetensors or pre-quantized 4-bit); replaces preset
     quantize: bool = True  # NF4 + double quant, bf16 compute, bf16 quant storage
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_wins(cls, data):
+        # A checkpoint path replaces the preset, so no run name, plan or report calls the checkpoint "tiny".
+        if isinstance(data, dict) and data.get("path") is not None:
+            data = {**data, "preset": None}
+        return data
 
     @field_validator("preset")
     @classmethod
@@ -85,10 +93,12 @@ class DataConfig(_Section):
     text_column: str = "text"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    # instruction mode: auto = the tokenizer's chat template when it has one, else plain (PROMPT_TEMPLATE in data.py)
+    template: Literal["auto", "chat", "plain"] = "auto"
     tokenizer: Path | None = None  # None: the checkpoint's own, else a sentencepiece model trained on the data
     vocab_size: int = Field(1024, gt=0)  # for a sentencepiece tokenizer trained by us
     seq_len: int = Field(256, gt=0)
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held out only when train.eval_every > 0
     seed: int = 0
 
 

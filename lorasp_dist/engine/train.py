@@ -329,21 +329,32 @@ class Recipe:
             yield {k: v.to(self.device) for k, v in self.train_ds[idx].items()}
 
     def train_step(self) -> dict:
+        from lorasp_dist.data import scored_tokens
+
         t = self.cfg.train
         t0 = time.perf_counter()
-        losses, tokens = [], 0
+        batches = list(self.batches())
+        # The step's loss is the mean over the scored tokens of all its micro-batches on all ranks, not a mean of
+        # per-row means: each micro-batch's summed loss is divided by the step's count. DeepSpeed then divides the
+        # gradients by grad_accum (backward) and by the world size (the reduce-scatter), so the count is too.
+        scored = torch.stack([scored_tokens(b["labels"]) for b in batches]).sum().float()
+        torch.distributed.all_reduce(scored)
+        per_micro_batch = scored / (t.grad_accum * self.world)
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
         self.engine.train()
-        for batch in self.batches():
+        for batch in batches:
             with self.tracker.phase("forward", self.step):
-                loss = self.engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                # Position ids restart at each packed example; with no attention mask and no KV cache transformers
+                # turns them into a block-diagonal mask (data.PackedDataset).
+                loss = self.engine(**batch, use_cache=False, num_items_in_batch=per_micro_batch).loss
             with self.tracker.phase("backward", self.step):
                 self.engine.backward(loss)
             with self.tracker.phase("step", self.step):
                 self.engine.step()
-            losses.append(loss.detach().float())
+            loss_sum += loss.detach().float()
             tokens += batch["input_ids"].numel()
         self.sample_pos += t.micro_batch_size * t.grad_accum * self.world
-        stats = torch.stack([torch.stack(losses).mean(), torch.tensor(float(tokens), device=self.device)])
+        stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)])
         torch.distributed.all_reduce(stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -351,10 +362,12 @@ class Recipe:
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.step + 1,
-            "loss": stats[0].item() / self.world,
+            "loss": stats[0].item() / (t.grad_accum * self.world),
             "lr": self.scheduler.get_last_lr()[0] if self.step else lr_at(0, self.cfg),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": stats[1].item() / dt,
+            "scored_tokens": int(scored.item()),  # the supervised tokens of the step (all ranks)
+            "scored_tokens_per_s": scored.item() / dt,
             "step_s": dt,
         }
 
@@ -368,7 +381,7 @@ class Recipe:
             start = (i * self.world + self.rank) * self.cfg.train.micro_batch_size
             idx = [(start + j) % n for j in range(self.cfg.train.micro_batch_size)]
             batch = {k: v.to(self.device) for k, v in self.val_ds[idx].items()}
-            losses.append(self.engine(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float())
+            losses.append(self.engine(**batch, use_cache=False).loss.float())
         mean = torch.stack(losses).mean().reshape(1)
         torch.distributed.all_reduce(mean)
         return mean.item() / self.world
@@ -410,7 +423,8 @@ class Recipe:
                     self.log(metrics)
                 progress.update(
                     task, completed=self.step,
-                    info=f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s",
+                    info=f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s "
+                         f"({metrics['scored_tokens_per_s']:.0f} scored)",
                 )
                 self.tracker.maybe_record_history(self.step)
                 preempted = stop()

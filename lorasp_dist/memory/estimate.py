@@ -269,8 +269,9 @@ class _Param:
 
 
 def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: int, ratio: float,
-                keep_frozen: bool, lora_bytes: int) -> tuple[list[_Param], dict[str, int]]:
-    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants)."""
+                keep_frozen: bool, lora_bytes: int, tied: bool) -> tuple[list[_Param], dict[str, int]]:
+    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants).
+    A tied lm_head is the embedding's parameter: it is not a second one."""
     full = variant == "full"
     params = [_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "embed_tokens")]
     fixed = {"quant_constants": 0}
@@ -293,7 +294,8 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
             ):
                 params.append(_Param(component, numel, elem_bytes, trainable, layer, f"{name}.adapter{i}"))
     params.append(_Param("bf16_weights", p.hidden_size, BASE_BYTES, full, None, "norm"))
-    params.append(_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "lm_head"))
+    if not tied:
+        params.append(_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "lm_head"))
     return params, fixed
 
 
@@ -358,11 +360,17 @@ def _full_ft_activations(p: Preset, seq_len: int, micro_batch: int) -> int:
     return act["stored"] + max(act["logits"], act["layer"])
 
 
-def full_finetune_bytes(preset: str | Preset, seq_len: int = 2048, micro_batch: int = 1) -> tuple[int, dict[str, int]]:
+def num_params(p: Preset, tied: bool = False) -> int:
+    """All parameters of the model; a tied lm_head shares the embedding's weight and counts once."""
+    return p.num_params() - (p.vocab_size * p.hidden_size if tied else 0)
+
+
+def full_finetune_bytes(preset: str | Preset, seq_len: int = 2048, micro_batch: int = 1,
+                        tied: bool = False) -> tuple[int, dict[str, int]]:
     """The whole job's bytes for a full mixed-precision Adam fine-tune: 16 B/param + one micro-batch's activations
     (with checkpointing). llama-65b: 16 × 65.29e9 = 1.045e12 B of model states."""
     _, p = resolve_preset(preset)
-    n = p.num_params()
+    n = num_params(p, tied)
     breakdown = {
         "weights_bf16": 2 * n,
         "gradients_bf16": 2 * n,
@@ -392,6 +400,7 @@ def plan_memory(
     vocab_size: int | None = None,
     precision: str = "bf16",
     quantize: bool = True,
+    tied_embeddings: bool = False,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
@@ -418,7 +427,8 @@ def plan_memory(
     targets = list(targets)
     W = world_size
 
-    params, fixed = _parameters(p, variant, quantized, targets, r, ratio, resample_every > 0, lora_bytes)
+    params, fixed = _parameters(p, variant, quantized, targets, r, ratio, resample_every > 0, lora_bytes,
+                                tied_embeddings)
     gpu = dict.fromkeys(GPU_COMPONENTS, 0)
     host = dict.fromkeys(HOST_COMPONENTS + GPU_COMPONENTS, 0)
     gpu.update(fixed)  # quant constants are not parameters: ZeRO-3 never partitions them
@@ -541,18 +551,18 @@ def plan_memory(
         host["allocator_retention"] = int(CPU_LOSS_RETENTION * act["logits"])
     host["process_base"] = PROCESS_BASE_BYTES[device]
 
-    ft_total, ft_breakdown = full_finetune_bytes(p, seq_len, micro_batch)
+    ft_total, ft_breakdown = full_finetune_bytes(p, seq_len, micro_batch, tied_embeddings)
     linear = L * sum(o * i for o, i in p.linear_shapes().values())
     return MemoryPlan(
         preset=name, world_size=W, micro_batch=micro_batch, seq_len=seq_len, ds_config=ds_config,
         gradient_checkpointing=gradient_checkpointing, variant=variant, gpu=gpu, host=host,
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
-                      quantize=quantize, vocab_size=vocab_size),
+                      quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
-            num_params=p.num_params(), linear_params=linear, trainable_params=trainable_full,
+            num_params=num_params(p, tied_embeddings), linear_params=linear, trainable_params=trainable_full,
             trainable_per_rank=trainable_part, persistent_elements=persisted, retained_layers=retained,
             activations_per_layer=act["per_layer"], activations_stored=act["stored"],
             logits_saved=act["saved_logits"],
@@ -581,9 +591,11 @@ def preset_from_checkpoint(path: str | Path) -> Preset:
 def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: dict | None = None) -> MemoryPlan:
     """The plan of a run config on `world_size` ranks, from the very DeepSpeed dict the engine passes to
     deepspeed.initialize: `ds`, or build_ds_config(cfg, world_size) made here."""
+    tied = False
     if cfg.model.path is not None:
         preset: str | Preset = preset_from_checkpoint(cfg.model.path)
         vocab = None
+        tied = bool(json.loads((Path(cfg.model.path) / "config.json").read_text()).get("tie_word_embeddings"))
     else:
         preset = cfg.model.preset
         vocab = cfg.data.vocab_size if preset == "tiny" else None  # as model.load.ensure_base builds it
@@ -594,7 +606,7 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len, r=lo.r, ratio=lo.ratio,
         targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
         gradient_checkpointing=t.gradient_checkpointing, vocab_size=vocab, precision=t.precision,
-        quantize=cfg.model.quantize,
+        quantize=cfg.model.quantize, tied_embeddings=tied,
     )
     if cfg.model.path is not None:
         plan.preset = str(cfg.model.path)

@@ -279,7 +279,8 @@ def render_markdown(report: dict, charts: list[str]) -> str:
     md = [f"# Memory report: {Path(report['run_dir']).name}", "",
           "Units: per-rank memory in **GiB** (2^30 bytes); the full fine-tune comparison in **GB** (10^9 bytes).",
           f"Device: {report['device'].upper()}, {len(ranks)} rank(s) measured of world size {report['world_size']}."
-          + (f" Plan: preset `{plan.get('preset')}`, `{plan.get('ds_config')}`, micro-batch {plan.get('micro_batch')}"
+          + (f" Plan: {'preset' if plan.get('preset') in PRESETS else 'checkpoint'} `{plan.get('preset')}`, "
+             f"`{plan.get('ds_config')}`, micro-batch {plan.get('micro_batch')}"
              f", seq len {plan.get('seq_len')}, gradient checkpointing {plan.get('gradient_checkpointing')}"
              f", variant `{plan.get('variant')}`." if plan else ""), ""]
 
