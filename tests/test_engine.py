@@ -51,10 +51,15 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
     return out
 
 
-@pytest.mark.parametrize("ds_config", ["zero3", "zero3_offload_optimizer", "zero3_offload_all"])
-def test_zero3_4bit_trains_and_partitions(tmp_path, ds_config):
+# zero3 fetches whole decoder layers (the default) and profiles two steps; the offload configs fetch per module.
+@pytest.mark.parametrize("ds_config, extra", [
+    ("zero3", ["deepspeed.fetch=layer", "train.profile_steps=[3]"]),
+    ("zero3_offload_optimizer", ["deepspeed.fetch=module"]),
+    ("zero3_offload_all", ["deepspeed.fetch=layer"]),
+])
+def test_zero3_4bit_trains_and_partitions(tmp_path, ds_config, extra):
     run = train(tmp_path, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=30", "train.save_every=0",
-                "train.eval_every=0", "train.gradient_checkpointing=true")
+                "train.eval_every=0", "train.gradient_checkpointing=true", *extra)
     losses = [metrics(run)[s]["loss"] for s in range(1, 31)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"{ds_config}: loss {first:.4f} -> {last:.4f}")
@@ -66,6 +71,10 @@ def test_zero3_4bit_trains_and_partitions(tmp_path, ds_config):
         assert 0.45 <= share <= 0.55  # its half of every ZeRO-3 partition (plus padding), never the whole model
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "memory_report.json").is_file()
+    if "train.profile_steps=[3]" in extra:
+        for rank in (0, 1):
+            table = (run / "profile" / f"rank{rank}_steps3-4.md").read_text()
+            assert "host self-CPU time" in table and "aten::" in table
 
 
 @pytest.fixture(scope="module")
