@@ -9,7 +9,8 @@ The run directory is one directory for both: Ray Train's `storage_path/name` is 
 `train.output_dir/train.run_name`. Names are unique unless `train.run_name` is set; an existing run directory is only
 ever continued on purpose, with `--resume RUN_DIR`. For a multi-node cluster the storage path must be shared.
 
-Stopping (SLURM preemption or walltime, or an operator): SIGUSR1 or SIGTERM to this process touches `RUN_DIR/STOP`.
+Stopping (SLURM preemption or walltime, an operator, Ctrl-C): SIGUSR1, SIGTERM or SIGINT to this process touches
+`RUN_DIR/STOP`; a second Ctrl-C aborts at once.
 Ray Train runs the train function off the main thread of its workers, where no signal handler can run, so the file
 is the relay: every rank sees it at the next step boundary, checkpoints and returns. We then exit EXIT_STOPPED.
 """
@@ -23,14 +24,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.local_ray import isolate_local_instance
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.train import EXIT_STOPPED
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
 EXIT_FAILED = 1  # the run failed, and went on failing through launcher.max_failures restarts: see RUN_DIR/logs
 EXIT_USAGE = 2  # bad input (a config field, a path, a cluster that cannot hold the run): one line on stderr
-EXIT_STOPPED = 3  # stopped on request (SIGUSR1/SIGTERM) with a checkpoint saved: resume with --resume RUN_DIR
+# EXIT_STOPPED (3): stopped on request (SIGUSR1, SIGTERM, SIGINT) with a checkpoint saved: resume with --resume RUN_DIR
 
 
 @dataclass
@@ -145,6 +148,8 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
     plan = make_plan(cfg, resume)
     if dry:
         return dry_run(plan)
+    if plan.cfg.launcher.address is None:
+        isolate_local_instance()  # loopback only and token auth; before Ray is imported, which reads them then
 
     import ray
 
