@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     with TeeOutput(run_dir / "logs" / "driver.log", tag_console=False):
         print(f"[lorasp] run dir: {run_dir}\n{describe(plan)}", flush=True)
         try:
-            trainer.fit()
+            _fit(trainer)
         except TrainingFailedError as e:
             print(f"[lorasp] training failed ({lc.max_failures} restarts allowed): {e}", file=sys.stderr)
             print(f"[lorasp] logs of every rank: {run_dir / 'logs'}", file=sys.stderr, flush=True)
@@ -220,3 +221,22 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
         why = f" ({stop.signal_name})" if stop.signal_name else ""
         print(f"[lorasp] stopped at step {step}{why}; resume with: {command} --resume {run_dir}", flush=True)
         return EXIT_STOPPED
+
+
+def _fit(trainer) -> None:
+    """`trainer.fit()` on a helper thread. On the main thread Ray Train installs its own SIGINT handler, which aborts
+    the run without a checkpoint; this way Ctrl-C stays with StopRelay. fit's exception, if any, is raised here."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # signal handlers run on the main thread, between these waits
+    if failure:
+        raise failure[0]
