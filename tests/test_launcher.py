@@ -379,6 +379,32 @@ def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp
 
 
 @pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(ray_env, tmp_path):
+    """Ctrl-C twice: no waiting for the checkpoint; exit 130, and the local Ray instance goes with the launcher."""
+    run = tmp_path / "aborted"
+    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=aborted", "train.max_steps=40",
+                     "train.save_every=10", "train.eval_every=0")
+    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 2, "step 2", proc)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=120)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-6000:]
+    assert "[lorasp] SIGINT again: aborting now, without a checkpoint" in out and took < 60, took
+    _, alive = psutil.wait_procs(ray_procs, timeout=30)
+    assert not alive, alive
+
+
+@pytest.mark.slow
 def test_sigterm_stops_torchrun_ranks_with_a_checkpoint(tmp_path):
     """`lorasp train` under torchrun: SIGTERM to the ranks (as `kill` or `scancel` sends it) -> every rank
     checkpoints at the next step boundary and exits 3, which torchrun reports."""
