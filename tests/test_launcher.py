@@ -339,6 +339,14 @@ def listening(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
     return found
 
 
+def torch_store_ports(pid: int) -> set[int]:
+    """Ports of torch.distributed's TCPStore in this rank: it listens on them and, as every rank does, connects to
+    its own store. (torch binds the store to every interface and offers no setting for it.)"""
+    conns = psutil.Process(pid).net_connections("tcp")
+    listens = {c.laddr.port for c in conns if c.status == "LISTEN"}
+    return {c.raddr.port for c in conns if c.status == "ESTABLISHED" and c.raddr and c.raddr.port in listens}
+
+
 def newest_checkpoint_step(run_dir: Path) -> int:
     newest = ckpt.newest_valid(run_dir)
     return ckpt.read_manifest(newest)["step"] if newest else 0
@@ -348,7 +356,7 @@ def newest_checkpoint_step(run_dir: Path) -> int:
 def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp_path):
     """Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank
     checkpoints, exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with
-    token authentication set by the launcher itself."""
+    token authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0."""
     env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     run = tmp_path / "interrupted"
     cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=interrupted", "train.max_steps=40",
@@ -359,6 +367,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp
         wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
         sockets = listening([psutil.Process(proc.pid), *ray_procs])
+        store = torch_store_ports(int((run / "pids" / "rank0").read_text()))
         gcs_env = next(p for p in ray_procs if p.name() == "gcs_server").environ()
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
@@ -374,7 +383,8 @@ def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp
     assert f"[lorasp] stopped at step {stopped_at} (SIGINT); resume with: " in out
     assert saved == stopped_at
     print(f"listening: {sorted(set(sockets))}")
-    assert sockets and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _, _ in sockets), sockets
+    wide = [(ip, port, name) for ip, port, name in sockets if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert sockets and len(store) <= 1 and all(port in store for _, port, _ in wide), (wide, store)
     assert gcs_env.get("RAY_AUTH_MODE") == "token" and len(gcs_env.get("RAY_AUTH_TOKEN", "")) >= 32
 
 
