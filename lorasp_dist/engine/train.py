@@ -106,6 +106,7 @@ class StopRequest:
         self.requested, self.device = False, device
         self.stop_file = run_dir / STOP_FILE
         self._interrupted_at: float | None = None
+        StopRequest.honoured = False  # a new run
         try:
             for sig in self.SIGNALS:
                 signal.signal(sig, self._handle)
