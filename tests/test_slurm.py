@@ -94,9 +94,9 @@ def test_bad_flags(args, message, tmp_path):
 
 # --- values that reach the script: validated, never only quoted -----------------------------------------------------
 
-def injected(marker: Path) -> str:
+def injected(marker: Path, head: str = "x") -> str:
     """A value that, written as `#SBATCH --k="v"`, ends the directive and runs a command of its own."""
-    return f'x"\ntouch {marker}; exit 0 #'
+    return f'{head}"\ntouch {marker}; exit 0 #'
 
 
 def config_with(tmp_path: Path, section: str, key: str, value: str) -> Path:
@@ -109,7 +109,7 @@ def config_with(tmp_path: Path, section: str, key: str, value: str) -> Path:
 
 def injection(field: str, tmp_path: Path) -> list[str]:
     """`lorasp slurm submit` arguments that put an injected command into `field`."""
-    bad = injected(tmp_path / "PWNED")
+    bad = injected(tmp_path / "PWNED", "debug" if field == "--partition" else "x")  # debug: the fixture's partition
     out = f"train.output_dir={tmp_path / 'runs'}"
     if field.startswith("--sbatch"):
         return [str(TINY), out, f"--sbatch=--comment={bad}"]
