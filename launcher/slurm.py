@@ -326,7 +326,9 @@ def add_slurm_command(sub) -> None:
     s = ssub.add_parser("submit", help="render slurm/lorasp.sbatch for a run config and sbatch it",
                         description="Render the sbatch script for a run config and submit it. The job starts Ray on "
                         "its nodes, runs `lorasp launch --address`, checkpoints and requeues itself on USR1 "
-                        "(preemption, walltime) and continues in the same run directory.")
+                        "(preemption, walltime) and continues in the same run directory; `scancel` checkpoints "
+                        "and stops it. Every value is checked: no newline, quote or shell character reaches the "
+                        "script.")
     s.add_argument("config", help="run config YAML (see examples/)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, before the flags: e.g. train.max_steps=100")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
