@@ -4,7 +4,8 @@
                   [--cpus-per-worker C] [--resume RUN_DIR] [--dry-run] [--force]
 
 Exit codes (launcher.ray_launch): 0 finished, 1 failed after launcher.max_failures restarts, 2 bad input,
-3 stopped on SIGUSR1/SIGTERM with a checkpoint saved (resume with --resume RUN_DIR).
+3 stopped on SIGUSR1, SIGTERM or Ctrl-C with a checkpoint saved (resume with --resume RUN_DIR), 130 aborted by a
+second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def add_launch_command(sub) -> None:
         "launch", help="start the ranks through Ray Train (a local Ray instance if no address)",
         description="Start every rank through Ray Train on a new local Ray instance, or on an existing cluster "
         "(--address). Flags and k=v overrides may come in any order after CONFIG. Exit codes: 0 finished, "
-        "1 failed after launcher.max_failures restarts, 2 bad input, 3 stopped on SIGUSR1/SIGTERM with a checkpoint "
-        "saved (resume with --resume RUN_DIR).",
+        "1 failed after launcher.max_failures restarts, 2 bad input, 3 stopped on SIGUSR1, SIGTERM or Ctrl-C with a "
+        "checkpoint saved (resume with --resume RUN_DIR), 130 aborted by a second Ctrl-C.",
     )
     _add_flags(p)
     p.add_argument("config", help="run config YAML (see examples/)")

@@ -4,6 +4,7 @@ Every check fails with a one-line ConfigError (exit 2) in seconds. Without them 
 address its client retries forever, and a placement group that can never be satisfied stays pending forever.
 
 Safety defaults for a Ray instance we start ourselves (laptop / single node):
+- every Ray service listens on 127.0.0.1 only and asks for a token that only this launch holds (launcher/local_ray.py);
 - the dashboard binds to `launcher.dashboard_host` (127.0.0.1) and no Ray client server is started;
 - Ray's memory monitor is off (`launcher.memory_monitor=false`): it kills the worker using the most memory once the
   host passes 95%, and a ZeRO-3 rank with CPU offload legitimately holds tens of GB of host RAM (optimizer states,

@@ -9,7 +9,8 @@ The run directory is one directory for both: Ray Train's `storage_path/name` is 
 `train.output_dir/train.run_name`. Names are unique unless `train.run_name` is set; an existing run directory is only
 ever continued on purpose, with `--resume RUN_DIR`. For a multi-node cluster the storage path must be shared.
 
-Stopping (SLURM preemption or walltime, or an operator): SIGUSR1 or SIGTERM to this process touches `RUN_DIR/STOP`.
+Stopping (SLURM preemption or walltime, an operator, Ctrl-C): SIGUSR1, SIGTERM or SIGINT to this process touches
+`RUN_DIR/STOP`; a second Ctrl-C aborts at once.
 Ray Train runs the train function off the main thread of its workers, where no signal handler can run, so the file
 is the relay: every rank sees it at the next step boundary, checkpoints and returns. We then exit EXIT_STOPPED.
 """
@@ -18,20 +19,23 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.local_ray import isolate_local_instance
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.train import EXIT_STOPPED
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
 EXIT_FAILED = 1  # the run failed, and went on failing through launcher.max_failures restarts: see RUN_DIR/logs
 EXIT_USAGE = 2  # bad input (a config field, a path, a cluster that cannot hold the run): one line on stderr
-EXIT_STOPPED = 3  # stopped on request (SIGUSR1/SIGTERM) with a checkpoint saved: resume with --resume RUN_DIR
+# EXIT_STOPPED (3): stopped on request (SIGUSR1, SIGTERM, SIGINT) with a checkpoint saved: resume with --resume RUN_DIR
 
 
 @dataclass
@@ -139,6 +143,8 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
         return dry_run(plan)
     if not force:
         check_memory(plan.cfg)  # before Ray starts: memory.gpu_mem and memory.host_mem need no cluster
+    if plan.cfg.launcher.address is None:
+        isolate_local_instance()  # loopback only and token auth; before Ray is imported, which reads them then
 
     import ray
 
@@ -194,7 +200,7 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     with TeeOutput(run_dir / "logs" / "driver.log", tag_console=False):
         print(f"[lorasp] run dir: {run_dir}\n{describe(plan)}", flush=True)
         try:
-            trainer.fit()
+            _fit(trainer)
         except TrainingFailedError as e:
             print(f"[lorasp] training failed ({lc.max_failures} restarts allowed): {e}", file=sys.stderr)
             print(f"[lorasp] logs of every rank: {run_dir / 'logs'}", file=sys.stderr, flush=True)
@@ -209,3 +215,22 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
         why = f" ({stop.signal_name})" if stop.signal_name else ""
         print(f"[lorasp] stopped at step {step}{why}; resume with: {command} --resume {run_dir}", flush=True)
         return EXIT_STOPPED
+
+
+def _fit(trainer) -> None:
+    """`trainer.fit()` on a helper thread. On the main thread Ray Train installs its own SIGINT handler, which aborts
+    the run without a checkpoint; this way Ctrl-C stays with StopRelay. fit's exception, if any, is raised here."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # signal handlers run on the main thread, between these waits
+    if failure:
+        raise failure[0]

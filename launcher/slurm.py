@@ -8,6 +8,10 @@
 The template stays a plain sbatch script (usable by hand); rendering only rewrites its `#SBATCH` lines, the defaults
 of its settings, and the line that supplies its arguments. The run name is fixed at submit time so that a requeued
 job finds its run directory again. Every SLURM command honours `SLURM_CONF` from the environment.
+
+Every value that reaches the script is checked against what its option accepts before anything is rendered: a
+newline in an `#SBATCH` value would end the directive and start a command of its own (before `set -euo pipefail`),
+and sbatch stops reading directives at the first command, so the ones after it would be dropped silently.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ TEMPLATE = shipped("slurm/lorasp.sbatch")
 ARGS_LINE = "[ $# -gt 0 ] || set --"
 GPU_COUNT = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?(\d+)$")  # sbatch's --gpus-per-node: [type:]count
 
+# What a value may hold, per option: (pattern of the whole value, what to tell the user). No whitespace, quote,
+# backslash, `$`, backtick, `;` or control character anywhere.
+ACCEPTED = {
+    "run name": (r"(?!\.\.?$)[A-Za-z0-9_.+-]+", "one name of letters, digits and _ . + - (not . or ..)"),
+    "--partition": (r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "a partition name, or several separated by commas "
+                    "(letters, digits and _ . -)"),
+    "--account": (r"[A-Za-z0-9_.-]+", "an account name (letters, digits and _ . -)"),
+    "--time": (r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE",
+               "MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS[:MINUTES[:SECONDS]] or UNLIMITED"),
+    "path": (r"/[A-Za-z0-9_./+,:@=~-]*", "an absolute path of letters, digits and _ . / + , : @ = ~ -"),
+    "--sbatch": (r"--[a-z][a-z0-9-]*(=[A-Za-z0-9_./+,:@=%~&|*\[\]-]+)?",
+                 "--OPTION or --OPTION=VALUE, the value of letters, digits and _ . / + , : @ = % ~ & | * [ ] -"),
+    "host": (r"[A-Za-z0-9_.:-]+", "a host name or IP address"),
+}
+
 
 @dataclass
 class Job:
@@ -48,16 +67,33 @@ def log_path(run_dir: Path, job_id: str) -> Path:
 
 # --- rendering ---------------------------------------------------------------------------------------------------
 
+def check(field: str, value: str, kind: str | None = None) -> str:
+    """`value` if it is wholly what `kind` (default: the field itself) accepts, else a ConfigError naming both."""
+    pattern, accepted = ACCEPTED[kind or field]
+    if not re.fullmatch(pattern, value):
+        raise ConfigError(f"{field} = {value!r}: expected {accepted}")
+    return value
+
+
+def check_printable(field: str, value: str) -> str:
+    """A value the script receives shell-quoted (an argument, a setting): any character but a control character."""
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ConfigError(f"{field} = {value!r}: expected no newline or other control character")
+    return value
+
+
 def render(template: str, job: Job) -> str:
     """The template with the job's #SBATCH options, setting defaults and arguments filled in."""
     lines = template.splitlines()
     sbatch = [i for i, line in enumerate(lines) if line.startswith("#SBATCH ")]
     if not sbatch or ARGS_LINE not in lines:
         raise ConfigError(f"--template: not a lorasp sbatch template (no #SBATCH lines or no `{ARGS_LINE}` line)")
-    options = dict(_option(lines[i]) for i in sbatch)
-    options.update(job.options)
-    header = [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={_sbatch_quote(v)}" for k, v in options.items()]
-    lines = lines[: sbatch[0]] + header + [line for i, line in enumerate(lines) if i > sbatch[0] and i not in sbatch]
+    # The template's own directives stay as written, in their order; the job's replace them or follow them.
+    header = {_option(lines[i])[0]: lines[i] for i in sbatch}
+    header.update((k, f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}") for k, v in job.options.items())
+    lines = lines[: sbatch[0]] + list(header.values()) + [
+        line for i, line in enumerate(lines) if i > sbatch[0] and i not in sbatch
+    ]
     for name, value in job.settings.items():
         pattern = re.compile(rf"^(export )?{name}=\$\{{{name}:-[^}}]*\}}")
         hits = [(i, m) for i, line in enumerate(lines) if (m := pattern.match(line))]
@@ -66,16 +102,22 @@ def render(template: str, job: Job) -> str:
         i, m = hits[0]
         lines[i] = f"{m[1] or ''}{name}=${{{name}:-{shlex.quote(value)}}}{lines[i][m.end():]}"
     lines[lines.index(ARGS_LINE)] = f"{ARGS_LINE} {shlex.join(job.args)}"
+    _check_directives_first(lines)
     return "\n".join(lines) + "\n"
+
+
+def _check_directives_first(lines: list[str]) -> None:
+    """sbatch reads `#SBATCH` lines only up to the first command: every one must come before it."""
+    first_command = next((i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")), len(lines))
+    late = [line for line in lines[first_command:] if line.startswith("#SBATCH")]
+    if late:
+        raise ConfigError(f"--template: {late[0]!r} comes after the first command ({lines[first_command]!r}), where "
+                          "sbatch no longer reads directives; put every #SBATCH line before any command")
 
 
 def _option(line: str) -> tuple[str, str | None]:
     key, eq, value = line.removeprefix("#SBATCH ").strip().removeprefix("--").partition("=")
     return key, value if eq else None
-
-
-def _sbatch_quote(value: str) -> str:
-    return f'"{value}"' if re.search(r"\s", value) else value
 
 
 def _executable(name: str) -> str:
@@ -118,11 +160,14 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
 
     if args.resume is not None:
         run_dir = args.resume.expanduser().resolve()
+        check("--resume", str(run_dir), "path")
+        check("--resume", run_dir.name, "run name")
         if not run_dir.is_dir():
             raise ConfigError(f"--resume '{args.resume}': no such run directory")
     else:
         storage = Path(lc.storage_path or cfg.train.output_dir).expanduser().resolve()
-        run_dir = storage / (cfg.train.run_name or unique_name(cfg))
+        check("launcher.storage_path" if lc.storage_path else "train.output_dir", str(storage), "path")
+        run_dir = storage / check("train.run_name", cfg.train.run_name or unique_name(cfg), "run name")
         if run_dir.exists():
             raise ConfigError(
                 f"train.run_name = '{run_dir.name}': {run_dir} exists; continue it with --resume {run_dir}, "
@@ -133,24 +178,29 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     if gpu_count:
         options["gpus-per-node"] = gpus
     for key in ("partition", "time", "account"):
-        if getattr(args, key):
-            options[key] = getattr(args, key)
-    options.update(output=str(log_path(run_dir, "%j")), chdir=os.getcwd(), comment=f"lorasp:{run_dir}")
+        if getattr(args, key) is not None:
+            options[key] = check(f"--{key}", getattr(args, key))
+    cwd = check("--chdir (the current directory)", os.getcwd(), "path")
+    options.update(output=str(log_path(run_dir, "%j")), chdir=cwd, comment=f"lorasp:{run_dir}")
     for extra in args.sbatch:
         if not extra.startswith("--"):
-            raise ConfigError(f"--sbatch '{extra}': give sbatch's long form, e.g. --sbatch=--mem=0")
-        options.update([_option(f"#SBATCH {extra}")])
+            raise ConfigError(f"--sbatch = {extra!r}: give sbatch's long form, e.g. --sbatch=--mem=0")
+        options.update([_option(f"#SBATCH {check('--sbatch', extra)}")])
 
     object_store = lc.object_store_memory or LOCAL_OBJECT_STORE_BYTES  # the ranks pass nothing large through it
     settings = {
         "LORASP": _executable("lorasp"),
         "RAY": _executable("ray"),
+        "PYTHON": sys.executable,
         "LORASP_RAY_ARGS": f"--object-store-memory={object_store}",
-        "LORASP_DASHBOARD_HOST": lc.dashboard_host,
+        "LORASP_DASHBOARD_HOST": check("launcher.dashboard_host", lc.dashboard_host, "host"),
         "RAY_memory_monitor_refresh_ms": "0" if not lc.memory_monitor else "250",
     }
-    config = str(Path(args.config).expanduser().resolve())
-    return Job(run_dir, [str(run_dir), config, *args.overrides], options, settings)
+    for name, value in settings.items():
+        check_printable(name, value)
+    config = check_printable("CONFIG", str(Path(args.config).expanduser().resolve()))
+    overrides = [check_printable(override.partition("=")[0], override) for override in args.overrides]
+    return Job(run_dir, [str(run_dir), config, *overrides], options, settings)
 
 
 # --- SLURM commands ----------------------------------------------------------------------------------------------
@@ -276,7 +326,9 @@ def add_slurm_command(sub) -> None:
     s = ssub.add_parser("submit", help="render slurm/lorasp.sbatch for a run config and sbatch it",
                         description="Render the sbatch script for a run config and submit it. The job starts Ray on "
                         "its nodes, runs `lorasp launch --address`, checkpoints and requeues itself on USR1 "
-                        "(preemption, walltime) and continues in the same run directory.")
+                        "(preemption, walltime) and continues in the same run directory; `scancel` checkpoints "
+                        "and stops it. Every value is checked: no newline, quote or shell character reaches the "
+                        "script.")
     s.add_argument("config", help="run config YAML (see examples/)")
     s.add_argument("overrides", nargs="*", help="dotted overrides, before the flags: e.g. train.max_steps=100")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

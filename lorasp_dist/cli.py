@@ -7,6 +7,7 @@ so this package never imports launcher. Any bad input ends as one line on stderr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -43,10 +44,15 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from lorasp_dist.engine.train import train
+    from lorasp_dist.engine.train import EXIT_STOPPED, StopRequest, train
 
-    train(_config(args))
-    return 0
+    run_dir = train(_config(args))
+    if not StopRequest.honoured:
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[lorasp] stopped with a checkpoint; resume with the same command plus "
+              f"train.output_dir={run_dir.parent} train.run_name={run_dir.name} train.resume=auto", flush=True)
+    return EXIT_STOPPED
 
 
 def cmd_prepare_base(args) -> int:

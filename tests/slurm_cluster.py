@@ -101,7 +101,8 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 JobRequeue=1
 MinJobAge=600
-KillWait=10
+# SLURM's default: a cancelled job's ranks checkpoint between its SIGTERM and its SIGKILL.
+KillWait=30
 SlurmctldTimeout=30
 SlurmdTimeout=30
 GresTypes=gpu

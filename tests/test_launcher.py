@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,18 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
+from faults import record
 from ports import free_ports
 from safetensors.torch import load_file
+
+from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # fp32 so that a resumed run can be compared with an uninterrupted one; a checkpoint every 5 of 15 steps
 EXACT = ("train.precision=fp32", "train.max_steps=15", "train.save_every=5", "train.eval_every=0",
          "train.keep_last=5")
@@ -320,6 +326,122 @@ def test_failure_beyond_max_failures_exits_1(ray_env, tmp_path):
     assert proc.returncode == 1, out[-6000:]
     assert "[lorasp] training failed (0 restarts allowed)" in out
     assert f"[lorasp] logs of every rank: {run / 'logs'}" in out
+
+
+def listening(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket these processes listen on."""
+    found = []
+    for p in procs:
+        try:
+            found += [(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections("tcp") if c.status == "LISTEN"]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def torch_store_ports(pid: int) -> set[int]:
+    """Ports of torch.distributed's TCPStore in this rank: it listens on them and, as every rank does, connects to
+    its own store. (torch binds the store to every interface and offers no setting for it.)"""
+    conns = psutil.Process(pid).net_connections("tcp")
+    listens = {c.laddr.port for c in conns if c.status == "LISTEN"}
+    return {c.raddr.port for c in conns if c.status == "ESTABLISHED" and c.raddr and c.raddr.port in listens}
+
+
+def newest_checkpoint_step(run_dir: Path) -> int:
+    newest = ckpt.newest_valid(run_dir)
+    return ckpt.read_manifest(newest)["step"] if newest else 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp_path):
+    """Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank
+    checkpoints, exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with
+    token authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0."""
+    env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    run = tmp_path / "interrupted"
+    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=interrupted", "train.max_steps=40",
+                     "train.save_every=10", "train.eval_every=0")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        sockets = listening([psutil.Process(proc.pid), *ray_procs])
+        store = torch_store_ports(int((run / "pids" / "rank0").read_text()))
+        gcs_env = next(p for p in ray_procs if p.name() == "gcs_server").environ()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped_at = max(steps_logged(run))
+    saved = newest_checkpoint_step(run)
+    record("SIGINT (Ctrl-C)", entry="lorasp launch (local Ray)", exit_code=proc.returncode,
+           steps_lost=stopped_at - saved, data_lost=saved != stopped_at,
+           outcome=f"checkpoint at step {saved} of {stopped_at} done")
+    assert proc.returncode == 3, out[-6000:]
+    assert f"[lorasp] stopped at step {stopped_at} (SIGINT); resume with: " in out
+    assert saved == stopped_at
+    print(f"listening: {sorted(set(sockets))}")
+    wide = [(ip, port, name) for ip, port, name in sockets if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert sockets and len(store) <= 1 and all(port in store for _, port, _ in wide), (wide, store)
+    assert gcs_env.get("RAY_AUTH_MODE") == "token" and len(gcs_env.get("RAY_AUTH_TOKEN", "")) >= 32
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(ray_env, tmp_path):
+    """Ctrl-C twice: no waiting for the checkpoint; exit 130, and the local Ray instance goes with the launcher."""
+    run = tmp_path / "aborted"
+    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=aborted", "train.max_steps=40",
+                     "train.save_every=10", "train.eval_every=0")
+    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 2, "step 2", proc)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        out, _ = proc.communicate(timeout=120)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-6000:]
+    assert "[lorasp] SIGINT again: aborting now, without a checkpoint" in out and took < 60, took
+    _, alive = psutil.wait_procs(ray_procs, timeout=30)
+    assert not alive, alive
+
+
+@pytest.mark.slow
+def test_sigterm_stops_torchrun_ranks_with_a_checkpoint(tmp_path):
+    """`lorasp train` under torchrun: SIGTERM to the ranks (as `kill` or `scancel` sends it) -> every rank
+    checkpoints at the next step boundary and exits 3, which torchrun reports."""
+    run = tmp_path / "torchrun"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "lorasp_dist", "train", str(TINY),
+           f"train.output_dir={tmp_path}", "train.run_name=torchrun", "train.max_steps=40", "train.save_every=10",
+           "train.eval_every=0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
+        for rank in psutil.Process(proc.pid).children():
+            rank.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = max(steps_logged(run))
+    saved = newest_checkpoint_step(run)
+    codes = sorted({int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", out)})
+    record("SIGTERM", entry="lorasp train (torchrun)", exit_code=codes[0] if len(codes) == 1 else None,
+           steps_lost=stopped_at - saved, data_lost=saved != stopped_at,
+           outcome=f"every rank exited {codes}, checkpoint at step {saved} of {stopped_at} done")
+    assert codes == [3], out[-6000:]
+    assert saved == stopped_at
+    assert f"[lorasp] stop requested: checkpoint saved at step {stopped_at}" in out
+    assert "train.run_name=torchrun train.resume=auto" in out
 
 
 # --- bad input: one line, exit 2, in seconds ---------------------------------------------------------------------

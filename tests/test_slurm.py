@@ -18,9 +18,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
+from faults import record
 from slurm_cluster import SlurmCluster, missing_binaries
 
 from launcher.ray_launch import EXIT_STOPPED
+from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -89,6 +92,79 @@ def test_bad_flags(args, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+# --- values that reach the script: validated, never only quoted -----------------------------------------------------
+
+def injected(marker: Path, head: str = "x") -> str:
+    """A value that, written as `#SBATCH --k="v"`, ends the directive and runs a command of its own."""
+    return f'{head}"\ntouch {marker}; exit 0 #'
+
+
+def config_with(tmp_path: Path, section: str, key: str, value: str) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data.setdefault(section, {})[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def injection(field: str, tmp_path: Path) -> list[str]:
+    """`lorasp slurm submit` arguments that put an injected command into `field`."""
+    bad = injected(tmp_path / "PWNED", "debug" if field == "--partition" else "x")  # debug: the fixture's partition
+    out = f"train.output_dir={tmp_path / 'runs'}"
+    if field.startswith("--sbatch"):
+        return [str(TINY), out, f"--sbatch=--comment={bad}"]
+    if field.startswith("--"):
+        return [str(TINY), out, field, bad]
+    if field == "--resume":
+        run = tmp_path / "runs" / "$(touch PWNED)"
+        run.mkdir(parents=True)
+        return [str(TINY), out, "--resume", str(run)]
+    section, key = field.split(".")
+    value = f"{tmp_path}/{bad}" if key in ("output_dir", "storage_path") else bad
+    return [str(config_with(tmp_path, section, key, value)), *([out] if key != "output_dir" else [])]
+
+
+FIELDS = ["--partition", "--time", "--account", "--sbatch", "train.run_name", "train.output_dir",
+          "launcher.storage_path", "launcher.dashboard_host"]
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_injected_value_is_refused(field, tmp_path):
+    proc = lorasp("slurm", "submit", *injection(field, tmp_path), "--dry-run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field} = ") and "expected " in lines[0], proc.stderr
+    assert not proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_resume_dir_with_shell_characters_is_refused(tmp_path):
+    proc = lorasp("slurm", "submit", *injection("--resume", tmp_path), "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --resume = ") and not proc.stdout, proc.stderr
+
+
+def test_ordinary_values_pass_unchanged(tmp_path):
+    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--partition", "a100,h100",
+                  "--time", "2-12:30", "--account", "proj_1.x", "--sbatch=--constraint=a100&nvlink",
+                  "--sbatch=--exclusive", "--sbatch=--mail-user=me@example.org", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    header = [line for line in proc.stdout.splitlines() if line.startswith("#SBATCH")]
+    for option in ("--partition=a100,h100", "--time=2-12:30", "--account=proj_1.x", "--constraint=a100&nvlink",
+                   "--exclusive", "--mail-user=me@example.org"):
+        assert f"#SBATCH {option}" in header
+
+
+def test_directives_after_a_command_are_refused(tmp_path):
+    """sbatch would ignore them: the template's command before its first #SBATCH line is refused."""
+    template = (REPO / "slurm" / "lorasp.sbatch").read_text()
+    template = template.replace("#SBATCH --job-name", "umask 077\n#SBATCH --job-name")
+    (tmp_path / "late.sbatch").write_text(template)
+    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--template",
+                  str(tmp_path / "late.sbatch"), "--dry-run")
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.startswith("error: --template: '#SBATCH --job-name=") and "after the first command ('umask" \
+        in proc.stderr, proc.stderr
+
+
 def test_no_sbatch_on_path(tmp_path):
     env = {**os.environ, "PATH": str(tmp_path)}
     proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", env=env)
@@ -135,6 +211,34 @@ def test_slurm_says_no(cluster, tmp_path):
     proc = lorasp("slurm", "status", "1", env=cluster.env)
     assert proc.returncode == 2 and "job 1: unknown to SLURM" in proc.stderr
     assert not cluster.run("squeue", "-h", "-t", "PD", check=False).stdout.strip()  # nothing was queued
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field", ["--partition", "--sbatch", "train.run_name", "train.output_dir"])
+def test_injection_never_runs_on_slurm(field, cluster, tmp_path):
+    """Submitted for real: the value is refused, nothing is queued, and the injected command never runs."""
+    marker = tmp_path / "PWNED"
+    proc = lorasp("slurm", "submit", *injection(field, tmp_path), env=cluster.env)
+    if proc.returncode == 0:  # submitted after all: let the job run, to see what it did
+        job = re.search(r"submitted job (\d+)", proc.stdout)[1]
+        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    assert not marker.exists(), f"the injected command ran (job output: {proc.stdout})"
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field} = "), proc.stderr
+    assert not cluster.run("squeue", "-h", check=False).stdout.strip()
+
+
+@pytest.mark.slow
+def test_directives_reach_slurm(cluster, tmp_path):
+    """Every #SBATCH line is read: a held job shows the time limit, the requeue flag and the extra options."""
+    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, "--time", "0:10:00",
+                  "--partition", "cpuonly", "--sbatch=--hold", "--sbatch=--comment=ignored", env=cluster.env)
+    job, _ = submitted(proc)
+    try:
+        fields = {f: cluster.job_field(job, f) for f in ("JobState", "TimeLimit", "Requeue", "Partition", "Reason")}
+    finally:
+        cluster.run("scancel", job, check=False)
+    assert fields == {"JobState": "PENDING", "TimeLimit": "00:10:00", "Requeue": "1", "Partition": "cpuonly",
+                      "Reason": "JobHeldUser"}, fields
 
 
 @pytest.mark.slow
@@ -188,3 +292,36 @@ def test_job_runs_to_completion(cluster, jobs):
     assert logs.returncode == 0
     assert "Ray cluster up: 1 nodes, 1 CPUs, 0 GPUs" in logs.stdout and "Ray cluster stopped" in logs.stdout
     assert "lorasp launch exited with 0" in logs.stdout
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_and_does_not_requeue(cluster, tmp_path):
+    """Plain `scancel`: SIGTERM to every process of the job (Ray's included), SIGKILL KillWait seconds later. Every
+    rank checkpoints in between, `lorasp launch` exits 3 and the job does not requeue."""
+    job, run_dir = submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU,
+                                    *PREEMPT, env=cluster.env))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(steps_logged(run_dir)) < 3:
+        assert cluster.job_field(job, "JobState") in ("PENDING", "RUNNING"), cluster.job_field(job, "JobState")
+        assert time.monotonic() < deadline, "no training steps logged"
+        time.sleep(0.5)
+    cluster.run("scancel", job)
+    log_file = Path(f"{run_dir}.slurm-{job}.out")
+    deadline = time.monotonic() + 120
+    while "Ray cluster stopped" not in log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(1)
+    log = log_file.read_text()
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
+    stopped = re.search(r"\[lorasp\] stopped at step (\d+) \(SIGTERM\)", log)
+    exit_code = re.search(r"lorasp launch exited with (\d+)", log)
+    checkpoint = ckpt.step_dir(run_dir, int(stopped[1])) if stopped else None
+    intact = checkpoint is not None and ckpt.verify(checkpoint)[0]
+    steps = steps_logged(run_dir)
+    lost = max(steps) - int(stopped[1]) if stopped else max(steps)
+    record("scancel (SIGTERM to every process)", entry="lorasp slurm submit", exit_code=exit_code and
+           int(exit_code[1]), steps_lost=lost, data_lost=not intact,
+           outcome=f"checkpoint at step {stopped[1]}, not requeued" if intact else "no checkpoint")
+    assert stopped and intact, log[-4000:]
+    assert int(exit_code[1]) == EXIT_STOPPED and lost == 0
+    assert "requeued" not in log and cluster.job_field(job, "Restarts") == "0"
+    assert "Ray cluster stopped" in log

@@ -28,6 +28,7 @@ from lorasp_dist.engine.profile import StepProfiler
 
 OnCheckpoint = Callable[[Path, int, dict], None]
 STOP_FILE = "STOP"
+EXIT_STOPPED = 3  # stopped on request with a checkpoint saved; `lorasp launch` exits with the same code
 
 
 # --- process setup -----------------------------------------------------------------------------------------------
@@ -92,25 +93,46 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 class StopRequest:
-    """SIGUSR1 (SLURM's warning before preemption or walltime), or a file `RUN_DIR/STOP`, asks for a checkpoint at
-    the next step boundary and a clean exit. The file is how a launcher relays the signal to ranks that run off
-    the main thread (Ray Train workers), where Python cannot install signal handlers."""
+    """SIGUSR1 (SLURM's warning before preemption or walltime), SIGTERM (`scancel`, `kill`), SIGINT (Ctrl-C), or a
+    file `RUN_DIR/STOP`, asks for a checkpoint at the next step boundary and a clean exit (`lorasp train` exits
+    EXIT_STOPPED). The file is how a launcher relays the signal to ranks that run off the main thread (Ray Train
+    workers), where Python cannot install signal handlers. A second Ctrl-C aborts at once, without a checkpoint; one
+    that comes within REPEAT_S of the first is the same keypress, relayed by torchrun to its ranks."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    REPEAT_S = 1.0
+    honoured = False  # a stop request ended a run in this process: `lorasp train` exits EXIT_STOPPED
 
     def __init__(self, run_dir: Path, device: torch.device):
         self.requested, self.device = False, device
         self.stop_file = run_dir / STOP_FILE
+        self._interrupted_at: float | None = None
+        StopRequest.honoured = False  # a new run
         try:
-            signal.signal(signal.SIGUSR1, self._handle)
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
         except ValueError:  # not the main thread (e.g. some Ray workers): the launcher relays it another way
             pass
 
-    def _handle(self, *_):
+    def _handle(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._interrupted_at is not None and now - self._interrupted_at >= self.REPEAT_S:
+                os.write(2, b"[lorasp] SIGINT again: aborting now, without a checkpoint\n")
+                raise KeyboardInterrupt
+            self._interrupted_at = self._interrupted_at or now
+        if not self.requested:
+            name = signal.Signals(signum).name
+            os.write(2, f"[lorasp] {name}: checkpoint at the next step boundary, then exit\n".encode())
         self.requested = True
 
     def __call__(self) -> bool:
         flag = torch.tensor([1.0 if self.requested or self.stop_file.exists() else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(flag.item())
+        stop = bool(flag.item())
+        if stop:
+            StopRequest.honoured = True
+        return stop
 
 
 class Prepared(NamedTuple):
