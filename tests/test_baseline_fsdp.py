@@ -105,3 +105,24 @@ def test_record_is_the_median_after_warm_up():
     assert r["mfu"] == pytest.approx(4 * 65e9 * 100 / 790e12)
     assert (r["peak_reserved_gib"], r["peak_nvml_gib"], r["load_peak_reserved_gib"]) == (30, 31, 20)
     assert r["cluster_total_gb"] == pytest.approx(2 * (31 + 2) * 1024**3 / 1e9)
+
+
+def test_sharding_refuses_a_model_that_is_not_sharded(tiny_base):
+    """A model FSDP never wrapped, or wrapped without sharding, is no FSDP full-shard run: no record."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16)
+        layer_cls, layers = type(model.model.layers[0]), len(model.model.layers)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=baseline_fsdp.PROJECTIONS, task_type="CAUSAL_LM"))
+        n = sum(p.numel() for p in model.parameters())
+        with pytest.raises(RuntimeError, match="not FullyShardedDataParallel"):
+            baseline_fsdp.sharding(model, n, layer_cls, layers, world=2)
+        wrapped = baseline_fsdp.wrap(model, torch.device("cpu"))  # one rank: torch turns FULL_SHARD into NO_SHARD
+        with pytest.raises(RuntimeError, match=r"use \['ShardingStrategy.NO_SHARD'\], not FULL_SHARD"):
+            baseline_fsdp.sharding(wrapped, n, layer_cls, layers, world=1)
+    finally:
+        torch.distributed.destroy_process_group()
