@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from ports import free_ports
 
-from lorasp_dist.model.presets import PRESETS
 from lorasp_dist.model.synthetic import write_prequantized
+from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "baseline_fsdp.py"
