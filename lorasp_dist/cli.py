@@ -43,9 +43,13 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from lorasp_dist.engine.train import train
+    from lorasp_dist.engine.train import EXIT_NONFINITE, NonFiniteLoss, train
 
-    train(_config(args))
+    try:
+        train(_config(args))
+    except NonFiniteLoss as e:  # a deliberate stop, not a crash: its own exit code, one line
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 
