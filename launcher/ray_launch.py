@@ -12,6 +12,11 @@ ever continued on purpose, with `--resume RUN_DIR`. For a multi-node cluster the
 Stopping (SLURM preemption or walltime, or an operator): SIGUSR1 or SIGTERM to this process touches `RUN_DIR/STOP`.
 Ray Train runs the train function off the main thread of its workers, where no signal handler can run, so the file
 is the relay: every rank sees it at the next step boundary, checkpoints and returns. We then exit EXIT_STOPPED.
+
+A NaN/inf loss stops the run too (the engine, train.max_nonfinite_steps): the ranks return on purpose, so Ray does not
+restart them as it would after a crash, and `RUN_DIR/nonfinite.json` tells us to exit EXIT_NONFINITE.
+
+Exit codes: 0 finished, 1 failed after max_failures restarts, 2 bad input, 3 stopped on request, 4 stopped on NaN/inf.
 """
 
 from __future__ import annotations

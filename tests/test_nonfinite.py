@@ -16,12 +16,13 @@ from ports import free_ports
 from test_launcher import launch, ray_env  # noqa: F401  (ray_env is a fixture)
 
 from lorasp_dist.cli import main
+from lorasp_dist.config import TrainConfig
 from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
-EXPLODE = ("train.lr=1e30", "train.max_steps=10", "train.save_every=1", "train.keep_last=20", "train.eval_every=0",
-           "train.max_nonfinite_steps=3")
+EXPLODE = ("train.lr=1e30", "train.max_steps=10", "train.save_every=1", "train.keep_last=20", "train.eval_every=0")
+LIMIT = 3  # the default train.max_nonfinite_steps, which these runs keep
 
 
 def _strict(constant: str):
@@ -61,7 +62,7 @@ def check_nothing_saved_from_bad_steps(run: Path) -> tuple[int, int, int]:
     for r in records:
         if not r["finite"]:
             assert r["loss"] is None or r["grad_norm"] is None  # written as null, not NaN
-    assert bad == list(range(first_bad, last + 1)) and len(bad) == 3  # stopped at the 3rd in a row
+    assert bad == list(range(first_bad, last + 1)) and len(bad) == LIMIT  # stopped at the limit, all in a row
     sealed = [ckpt.read_manifest(c)["step"] for c in ckpt.list_checkpoints(run)]
     assert sealed and max(sealed) < first_bad, sealed  # none sealed after the first bad step
     assert all(ckpt.verify(c)[0] for c in ckpt.list_checkpoints(run))
@@ -91,6 +92,7 @@ def test_nan_run_stops_with_exit_4_and_saves_nothing_from_it(tmp_path):
 
 
 def test_nonfinite_settings_are_bad_input(capsys):
+    assert TrainConfig().max_nonfinite_steps == LIMIT
     for override, message in [("train.max_nonfinite_steps=0", "train.max_nonfinite_steps = 0"),
                               ("train.lr=inf", "train.lr = 'inf': must be a finite number"),
                               ("train.lr=1e39", "train.lr = '1e39': must be at most 3.4e+37")]:
