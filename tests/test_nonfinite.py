@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from faults import record
 from ports import free_ports
 from test_launcher import launch, ray_env  # noqa: F401  (ray_env is a fixture)
+from test_slurm import HALF_CPU, JOB_TIMEOUT_S, cluster, lorasp, submitted  # noqa: F401  (cluster: a fixture)
 
 from lorasp_dist.cli import main
 from lorasp_dist.config import TrainConfig
@@ -116,3 +118,68 @@ def test_nan_run_under_ray_exits_4_without_restarts(ray_env, tmp_path):  # noqa:
            data_lost=not ckpt.verify(ckpt.step_dir(run, newest))[0],
            outcome=f"loss NaN from step {first_bad}; stopped at step {last} with no restart, nothing saved from "
                    f"steps {first_bad}-{last}, checkpoint of step {newest} intact, no adapter")
+
+
+# One rank's share of the trained adapter values turns NaN right after a finite step (the fault: a bit flip, a bad
+# kernel), after steps 2 and 4 of 4. The recipe is the real one; only its train_step is wrapped to inject the fault.
+POISON_RANK1 = """
+import sys
+import torch
+from lorasp_dist.config import load_config
+from lorasp_dist.engine.train import EXIT_NONFINITE, NonFiniteLoss, Recipe, preflight
+
+cfg = load_config(sys.argv[1], sys.argv[2:])
+recipe = Recipe(cfg)
+recipe.setup(preflight(cfg) if recipe.is_main else None)
+real_step = recipe.train_step
+
+def train_step():
+    metrics = real_step()
+    if recipe.step + 1 in (2, 4) and recipe.rank == 1:
+        next(p for p in recipe.engine.module.parameters() if p.requires_grad).ds_tensor.view(-1)[0] = float("nan")
+    return metrics
+
+recipe.train_step = train_step
+try:
+    recipe.run()
+except NonFiniteLoss:
+    sys.exit(EXIT_NONFINITE)
+finally:
+    recipe.close()
+"""
+
+
+@pytest.mark.slow
+def test_nonfinite_adapter_values_are_never_saved(tmp_path):
+    """Step 2: no checkpoint from its values (the next step rewrites them from the optimizer's fp32 master copy, and
+    step 3 is saved). Step 4, the last: no checkpoint and no adapter, exit 4, though every loss was finite."""
+    (port,) = free_ports(1)
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_RANK1)
+    overrides = [f"train.output_dir={tmp_path}", "train.run_name=poisoned", "train.max_steps=4", "train.save_every=1",
+                 "train.keep_last=20", "train.eval_every=0"]
+    procs = [subprocess.Popen([sys.executable, str(script), str(TINY), *overrides], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [4, 4], outs[0][1][-4000:] + outs[1][1][-4000:]
+    run = tmp_path / "poisoned"
+    assert [r["finite"] for r in metric_records(run)] == [True] * 4  # every loss and gradient norm was finite
+    assert [ckpt.read_manifest(c)["step"] for c in ckpt.list_checkpoints(run)] == [3, 1]
+    assert "[lorasp] step 2: NaN/inf" in outs[0][0]
+    assert json.loads((run / "nonfinite.json").read_text())["nonfinite_steps"] == [4]
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_nan_run_fails_the_slurm_job_with_exit_4(cluster, tmp_path):  # noqa: F811
+    """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why."""
+    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, *EXPLODE, env=cluster.env)
+    job, run = submitted(proc)
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
+    assert cluster.job_field(job, "ExitCode") == "4:0" and cluster.job_field(job, "Restarts") == "0"
+    log = Path(f"{run}.slurm-{job}.out").read_text()
+    assert f"error: the loss went NaN/inf, see {run}/nonfinite.json" in log and "lorasp launch exited with 4" in log
+    check_nothing_saved_from_bad_steps(run)
+    shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)  # kept by the job after a failure, for its logs
