@@ -4,8 +4,8 @@
                   [--cpus-per-worker C] [--resume RUN_DIR] [--dry-run] [--force]
 
 Exit codes (launcher.ray_launch): 0 finished, 1 failed after launcher.max_failures restarts, 2 bad input,
-3 stopped on SIGUSR1, SIGTERM or Ctrl-C with a checkpoint saved (resume with --resume RUN_DIR), 130 aborted by a
-second Ctrl-C.
+3 stopped on SIGUSR1, SIGTERM or Ctrl-C with a checkpoint saved (resume with --resume RUN_DIR), 4 stopped on a NaN/inf
+loss or gradient norm (train.max_nonfinite_steps) with nothing saved from those steps, 130 aborted by a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def add_launch_command(sub) -> None:
         description="Start every rank through Ray Train on a new local Ray instance, or on an existing cluster "
         "(--address). Flags and k=v overrides may come in any order after CONFIG. Exit codes: 0 finished, "
         "1 failed after launcher.max_failures restarts, 2 bad input, 3 stopped on SIGUSR1, SIGTERM or Ctrl-C with a "
-        "checkpoint saved (resume with --resume RUN_DIR), 130 aborted by a second Ctrl-C.",
+        "checkpoint saved (resume with --resume RUN_DIR), 4 stopped on a NaN/inf loss or gradient norm with nothing "
+        "saved from those steps (RUN_DIR/nonfinite.json), 130 aborted by a second Ctrl-C.",
     )
     _add_flags(p)
     p.add_argument("config", help="run config YAML (see examples/)")

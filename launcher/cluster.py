@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-from lorasp_dist.config import ConfigError, RunConfig
+from lorasp_dist.config import ConfigError, RunConfig, is_secret
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 CONNECT_TIMEOUT_S = 20  # Ray's client retries an unreachable or wrong cluster forever; bad input must end fast
@@ -36,9 +36,10 @@ PASSTHROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")  # JIT-built DeepSp
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """Every rank's environment additions: the config's `env` section (NVLink multicast off, offline hubs, ...).
     They go in through the job's runtime_env, so a worker has them from its start: Ray Train builds the process group
-    (NCCL reads NCCL_NVLS_ENABLE) before the train function, and so before the engine could set them."""
+    (NCCL reads NCCL_NVLS_ENABLE) before the train function, and so before the engine could set them. Secret-looking
+    keys are left out (Ray keeps and shows a runtime_env): the engine sets those from the config it is handed."""
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-    return {**env, **cfg.env}
+    return {**env, **{k: v for k, v in cfg.env.items() if not is_secret(k)}}
 
 
 def connect(cfg: RunConfig) -> None:

@@ -13,10 +13,16 @@ Stopping (SLURM preemption or walltime, an operator, Ctrl-C): SIGUSR1, SIGTERM o
 `RUN_DIR/STOP`; a second Ctrl-C aborts at once.
 Ray Train runs the train function off the main thread of its workers, where no signal handler can run, so the file
 is the relay: every rank sees it at the next step boundary, checkpoints and returns. We then exit EXIT_STOPPED.
+
+A NaN/inf loss stops the run too (the engine, train.max_nonfinite_steps): the ranks return on purpose, so Ray does not
+restart them as it would after a crash, and `RUN_DIR/nonfinite.json` tells us to exit EXIT_NONFINITE.
+
+Exit codes: 0 finished, 1 failed after max_failures restarts, 2 bad input, 3 stopped on request, 4 stopped on NaN/inf.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -29,13 +35,14 @@ from launcher.local_ray import isolate_local_instance
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
-from lorasp_dist.engine.train import EXIT_STOPPED
+from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
 EXIT_FAILED = 1  # the run failed, and went on failing through launcher.max_failures restarts: see RUN_DIR/logs
 EXIT_USAGE = 2  # bad input (a config field, a path, a cluster that cannot hold the run): one line on stderr
 # EXIT_STOPPED (3): stopped on request (SIGUSR1, SIGTERM, SIGINT) with a checkpoint saved: resume with --resume RUN_DIR
+# EXIT_NONFINITE (4): stopped on NaN/inf (train.max_nonfinite_steps), nothing saved from those steps
 
 
 @dataclass
@@ -166,6 +173,7 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
 
 
 def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -182,9 +190,12 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run at its first step
     summary = run_dir / "summary.json"  # written by the engine when it finishes, never when it stops
     summary.unlink(missing_ok=True)  # (an mtime test would trust the clocks of other nodes)
+    nonfinite = run_dir / NONFINITE_FILE  # written by the engine when it stops on NaN/inf
+    nonfinite.unlink(missing_ok=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        # secrets apart, in the object store: Ray Train keeps (and shows) the config it is given
+        train_loop_config={"config": cfg.redacted(), "secrets": ray.put(cfg.secret_env()), "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend="nccl" if lc.gpus_per_worker else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=lc.num_workers, use_gpu=lc.gpus_per_worker > 0, resources_per_worker=worker_resources(cfg)
@@ -210,6 +221,9 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
             print(f"[lorasp] adapter: {run_dir / 'adapter'}")
             print(f"[lorasp] memory report: {run_dir / 'memory_report.md'}", flush=True)
             return EXIT_OK
+        if nonfinite.is_file():  # the ranks returned on purpose: not a failure for Ray to retry
+            print(f"[lorasp] {json.loads(nonfinite.read_text())['message']}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
         newest = ckpt.list_checkpoints(run_dir)
         step = ckpt.read_manifest(newest[0])["step"] if newest else 0
         why = f" ({stop.signal_name})" if stop.signal_name else ""

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-WorkerArgs = dict[str, Any]  # {"config": RunConfig as JSON data, "run_dir": str}
+WorkerArgs = dict[str, Any]  # {"config": RunConfig as JSON data, secrets redacted; "secrets": ObjectRef; "run_dir"}
 
 
 def train_worker(args: WorkerArgs) -> None:
@@ -27,7 +27,7 @@ def train_worker(args: WorkerArgs) -> None:
     from launcher.logs import TeeOutput
     from lorasp_dist.config import validate
     from lorasp_dist.engine import checkpoint as ckpt
-    from lorasp_dist.engine.train import train
+    from lorasp_dist.engine.train import NonFiniteLoss, train
 
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(args["run_dir"])
@@ -37,6 +37,9 @@ def train_worker(args: WorkerArgs) -> None:
         pid_file.write_text(f"{os.getpid()}\n")
 
         cfg = validate(args["config"])
+        # Secret `env` values travel apart, through the object store: Ray Train keeps the config it was given in its
+        # run state (the dashboard shows it), and the runtime_env is kept and shown too.
+        cfg.env.update(ray.get(args["secrets"]))
         sealed = ckpt.list_checkpoints(run_dir)  # the same list on every rank: the previous group is gone
         if sealed:  # a restart, or --resume: this run's own checkpoints come first
             cfg.train.resume = "auto"
@@ -50,7 +53,10 @@ def train_worker(args: WorkerArgs) -> None:
         def on_checkpoint(path: Path, step: int, metrics: dict) -> None:
             _report(rank, path, {"step": step, "metrics": metrics})
 
-        train(cfg, on_checkpoint=on_checkpoint, prune=False)
+        try:
+            train(cfg, on_checkpoint=on_checkpoint, prune=False)
+        except NonFiniteLoss:
+            return  # a deliberate stop, not a crash for Ray to retry: the driver finds RUN_DIR/nonfinite.json
 
 
 def _report(rank: int, path: Path, meta: dict) -> None:

@@ -1,7 +1,8 @@
 """`lorasp` (and `python -m lorasp_dist`): one entry point for every command.
 
 Rank-side commands live here. launcher/ adds `launch` and `slurm` through the `lorasp.commands` entry-point group,
-so this package never imports launcher. Any bad input ends as one line on stderr and exit code 2.
+so this package never imports launcher. Any bad input ends as one line on stderr and exit code 2; a training run
+stopped on a NaN/inf loss (train.max_nonfinite_steps) ends as one line and exit code 4.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from lorasp_dist.engine.train import EXIT_STOPPED, StopRequest, train
+    from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, StopRequest, train
 
-    run_dir = train(_config(args))
+    try:
+        run_dir = train(_config(args))
+    except NonFiniteLoss as e:  # a deliberate stop, not a crash: its own exit code, one line
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
     if not StopRequest.honoured:
         return 0
     if os.environ.get("RANK", "0") == "0":

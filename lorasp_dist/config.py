@@ -6,6 +6,7 @@ thing is validated. Every error is a `ConfigError` whose message names the field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,11 @@ from lorasp_dist.sizes import GiB, format_size, parse_size
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
+# An `env` key looks secret when one of its words (split at anything but letters and digits, any case) ends in one
+# of these, or in one of these plus S: HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, GITHUB_PAT is not.
+SECRET_WORD_ENDINGS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "AUTH")
+REDACTED = "<redacted>"
+MAX_LR = 3.4e37  # AdamW's first step is lr / (1 - beta1) = 10 x lr, and must fit in a float32 (3.4e38)
 
 
 class ConfigError(ValueError):
@@ -106,7 +112,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(20, gt=0)
     micro_batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
@@ -121,8 +127,16 @@ class TrainConfig(_Section):
     save_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"  # auto | never | a checkpoint directory
+    max_nonfinite_steps: int = Field(3, gt=0)  # consecutive steps with a NaN/inf loss or grad norm before the run stops
     output_dir: Path = Path("runs")
     run_name: str | None = None  # None: a unique name from the time
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_fits(cls, v):
+        if v > MAX_LR:
+            raise ValueError(f"must be at most {MAX_LR:g}: AdamW's first step, 10 x lr, must fit in a float32")
+        return v
 
 
 class DeepSpeedConfig(_Section):
@@ -183,8 +197,25 @@ class RunConfig(_Section):
                 raise ValueError(f"data.vocab_size={self.data.vocab_size} exceeds the tiny preset's vocabulary (1024)")
         return self
 
+    def secret_env(self) -> dict[str, str]:
+        """The `env` entries whose keys look secret (is_secret)."""
+        return {k: v for k, v in self.env.items() if is_secret(k)}
+
+    def redacted(self) -> dict:
+        """The config as JSON data with every secret `env` value replaced by REDACTED: what may be written or shown."""
+        data = self.model_dump(mode="json")
+        data["env"] = {k: REDACTED if is_secret(k) else v for k, v in data["env"].items()}
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """For files and consoles, so secrets are redacted; the ranks get the real values another way."""
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
+
+def is_secret(key: str) -> bool:
+    """An `env` key that looks like it names a secret (SECRET_WORD_ENDINGS); TOKENIZERS_PARALLELISM does not."""
+    words = re.split(r"[^A-Z0-9]+", key.upper())
+    return any(w.endswith(end) or w.endswith(end + "S") for w in words for end in SECRET_WORD_ENDINGS)
 
 
 def _describe(err: dict) -> str:
@@ -201,6 +232,8 @@ def _describe(err: dict) -> str:
     else:
         msg = msg.replace("Input should be", "must be")
     shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if err["loc"] and err["loc"][0] == "env" and is_secret(str(err["loc"][-1])):
+        shown = REDACTED
     return f"{field} = {shown}: {msg}"
 
 

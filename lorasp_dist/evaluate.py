@@ -26,6 +26,7 @@ import unicodedata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from lorasp_dist.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_config
 from lorasp_dist.data import Template, load_tokenizer
@@ -248,6 +249,27 @@ def resolve_adapter(path: str | Path) -> Path:
     raise EvalError(f"RUN_DIR|ADAPTER = '{path}': no adapter_config.json in it or in its adapter/ folder")
 
 
+def read_adapter(adapter_dir: Path) -> dict:
+    """The adapter's config, once both of its files are known to be whole. A damaged adapter is bad input: one line,
+    before the base loads, not a traceback from inside peft. The weights must be safetensors (never a pickle)."""
+    field = f"RUN_DIR|ADAPTER = '{adapter_dir}'"
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{field}: adapter_config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise EvalError(f"{field}: adapter_config.json must hold a JSON object (a PEFT LoRA config)")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise EvalError(f"{field}: no adapter_model.safetensors (the adapter's weights) in it")
+    try:
+        with safe_open(weights, framework="pt") as f:  # the header, checked against the file's size
+            f.keys()
+    except (OSError, SafetensorError) as e:
+        raise EvalError(f"{field}: adapter_model.safetensors is damaged or truncated ({e})") from None
+    return config
+
+
 def _run_config(adapter_dir: Path | None) -> RunConfig | None:
     """The config of the run that trained the adapter (RUN_DIR/config.yaml beside RUN_DIR/adapter), if there is one."""
     if adapter_dir is None or not (adapter_dir.parent / "config.yaml").is_file():
@@ -282,10 +304,11 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
+    adapter_config = read_adapter(adapter_dir) if adapter_dir is not None else {}
     if base is None:
         if adapter_dir is None:
             raise EvalError("nothing to evaluate: give RUN_DIR|ADAPTER, or --base DIR to score the base alone")
-        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = adapter_config.get("base_model_name_or_path")
         if not base:
             raise EvalError(f"'{adapter_dir}/adapter_config.json' names no base model; pass --base DIR")
     base = Path(base)
@@ -302,7 +325,7 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
             model = PeftModel.from_pretrained(model, adapter_dir)
     except EvalError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         what = f"base '{base}'" + (f" with adapter '{adapter_dir}'" if adapter_dir else "")
         raise EvalError(f"cannot load {what}: {first}") from None
@@ -345,6 +368,8 @@ def run_eval(
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise EvalError(f"{flag} = {value}: must be a positive integer")
+    if out is not None and Path(out).is_dir():
+        raise EvalError(f"--out = '{out}': a directory; give the path of a JSON file to write")
     records = read_records(data)[:max_examples]
     if metric is not None:  # fail before the (slow) model load
         _check(records, metric)

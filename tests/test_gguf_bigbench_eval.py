@@ -4,6 +4,9 @@ BIG-bench-style task.json files, and a tiny LLaMA with a LoRA-SP adapter. CPU on
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -473,4 +476,52 @@ def test_eval_bad_inputs(tmp_path, capsys, run_dir):
     assert_one_line_error(rc, err, "line 2")
     rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--base", tmp_path)
     assert_one_line_error(rc, err, "no config.json")
+    rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--out", tmp_path)
+    assert_one_line_error(rc, err, f"--out = '{tmp_path}': a directory")
     assert read_records(gen) == [{"prompt": "x", "response": "y"}]
+
+
+def _corrupt_adapter(adapter: Path, kind: str) -> None:
+    weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    if kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "empty weights":
+        weights.write_bytes(b"")
+    elif kind == "no weights":
+        weights.unlink()
+    elif kind == "broken config":
+        config.write_text(config.read_text()[:-40])
+    elif kind == "config not an object":
+        config.write_text("[1, 2]")
+    else:  # parses, but PEFT cannot build layers from it
+        config.write_text(json.dumps({**json.loads(config.read_text()), "r": "sixteen"}))
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "empty weights", "no weights", "broken config",
+                                  "config not an object", "bad rank"])
+def test_eval_corrupt_adapter_is_one_line(tmp_path, capsys, run_dir, kind):
+    """A damaged adapter is bad input: one line naming the adapter, exit 2, and the adapter left as it was. Damaged
+    files are found before the base loads; a config PEFT cannot use only while it loads (after its progress bar)."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    adapter = tmp_path / "run" / "adapter"
+    _corrupt_adapter(adapter, kind)
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "x", "response": "y"}])
+    rc, _, err = run_cli(capsys, "eval", tmp_path / "run", "--data", gen, "--out", tmp_path / "result.json")
+    if kind == "bad rank":
+        err = err.splitlines()[-1] + "\n"
+    assert_one_line_error(rc, err, str(adapter))
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_eval_truncated_adapter_from_the_shell(tmp_path, run_dir):
+    """The command itself, as a user runs it: no traceback, exit 2."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    _corrupt_adapter(tmp_path / "run" / "adapter", "truncated weights")
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "x", "response": "y"}])
+    proc = subprocess.run([sys.executable, "-m", "lorasp_dist", "eval", str(tmp_path / "run"), "--data", str(gen)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "adapter_model.safetensors" in proc.stderr

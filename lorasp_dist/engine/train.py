@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig
 from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.engine import checkpoint as ckpt
@@ -29,6 +30,13 @@ from lorasp_dist.engine.profile import StepProfiler
 OnCheckpoint = Callable[[Path, int, dict], None]
 STOP_FILE = "STOP"
 EXIT_STOPPED = 3  # stopped on request with a checkpoint saved; `lorasp launch` exits with the same code
+NONFINITE_FILE = "nonfinite.json"  # written when a run stops on NaN/inf; says at which steps
+EXIT_NONFINITE = 4  # the exit code of a run stopped that way (`lorasp train`, `lorasp launch`, the SLURM job)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The run stopped: train.max_nonfinite_steps steps in a row (or its last step) had a NaN/inf loss or gradient
+    norm. Nothing from those steps was saved; the message names the newest checkpoint."""
 
 
 # --- process setup -----------------------------------------------------------------------------------------------
@@ -376,17 +384,21 @@ class Recipe:
             loss_sum += loss.detach().float()
             tokens += batch["input_ids"].numel()
         self.sample_pos += t.micro_batch_size * t.grad_accum * self.world
-        stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device)])
+        grad_norm = self.engine.get_global_grad_norm()  # a tensor; inf when DeepSpeed skipped the step as an overflow
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32, device=self.device)
+        nonfinite = (~(torch.isfinite(loss_sum) & torch.isfinite(norm))).float()
+        # One all-reduce: the summed loss and tokens, and how many ranks saw a NaN/inf (so every rank agrees).
+        stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=self.device), nonfinite])
         torch.distributed.all_reduce(stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.step + 1,
             "loss": stats[0].item() / (t.grad_accum * self.world),
             "lr": self.scheduler.get_last_lr()[0] if self.step else lr_at(0, self.cfg),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "finite": stats[2].item() == 0,  # the loss and the gradient norm, on every rank
             "tokens_per_s": stats[1].item() / dt,
             "scored_tokens": int(scored.item()),  # the supervised tokens of the step (all ranks)
             "scored_tokens_per_s": scored.item() / dt,
@@ -410,7 +422,7 @@ class Recipe:
 
     def log(self, record: dict):
         record = {**record, "rank": self.rank, "time": time.time()}
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         self._metrics.flush()
         if not self.is_main:
             return
@@ -432,6 +444,9 @@ class Recipe:
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.is_main,
         )
         metrics: dict = {}
+        nonfinite: list[int] = []  # the current run of consecutive steps with a NaN/inf loss or gradient norm
+        if self.is_main:
+            (self.run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
         with progress:
             task = progress.add_task("train", total=t.max_steps, completed=self.step, info="")
             while self.step < t.max_steps:
@@ -450,16 +465,54 @@ class Recipe:
                 )
                 self.tracker.maybe_record_history(self.step)
                 preempted = stop()
-                if (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps or preempted:
-                    self.save_checkpoint(metrics)
+                save = (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps or preempted
+                # Nothing is saved (checkpoint, adapter) from a NaN/inf step, nor from adapter values that went NaN/inf.
+                finite = metrics["finite"] and (not save or self._adapter_finite())
+                nonfinite = [] if finite else [*nonfinite, self.step]
+                if nonfinite and (len(nonfinite) >= t.max_nonfinite_steps or self.step == t.max_steps):
+                    self._stop_nonfinite(nonfinite)
+                if nonfinite and self.is_main:
+                    print(f"[lorasp] step {self.step}: NaN/inf loss or gradient norm ({len(nonfinite)} in a row, the "
+                          f"run stops at {t.max_nonfinite_steps})" + ("; no checkpoint" if save else ""), flush=True)
+                if save and not nonfinite:
+                    self.save_checkpoint(_json_safe(metrics))
                 if preempted:
                     if self.is_main:
                         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
-                        print(f"[lorasp] stop requested: checkpoint saved at step {self.step}, exiting", flush=True)
+                        saved = f"checkpoint saved at step {self.step}" if not nonfinite else "no checkpoint (NaN/inf)"
+                        print(f"[lorasp] stop requested: {saved}, exiting", flush=True)
                     self.barrier()
                     return self.run_dir
         self.finish()
         return self.run_dir
+
+    def _adapter_finite(self) -> bool:
+        """Every rank checks its own ZeRO-3 partition of the trained values; the ranks agree through one all-reduce."""
+        flag = torch.zeros(1, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.requires_grad and not torch.isfinite(p.ds_tensor).all():
+                flag.fill_(1.0)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0
+
+    def _stop_nonfinite(self, steps: list[int]) -> None:
+        """Every rank raises NonFiniteLoss at the same step; rank 0 first writes RUN_DIR/nonfinite.json."""
+        limit = self.cfg.train.max_nonfinite_steps
+        newest = ckpt.list_checkpoints(self.run_dir)
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+        why = f"{len(steps)} in a row, train.max_nonfinite_steps = {limit}" if len(steps) >= limit else "the last step"
+        message = (
+            f"stopped at step {self.step}: NaN/inf loss or gradient norm at {span} ({why}); no checkpoint or adapter "
+            f"was written from them; newest checkpoint: {newest[0] if newest else 'none'} (lower train.lr, or raise "
+            "train.warmup_steps, and resume from it)"
+        )
+        if self.is_main:
+            record = {"step": self.step, "nonfinite_steps": steps, "max_nonfinite_steps": limit,
+                      "newest_checkpoint": str(newest[0]) if newest else None, "message": message}
+            atomic_write_text(self.run_dir / NONFINITE_FILE, json.dumps(record, indent=2) + "\n")
+            print(f"[lorasp] {message}", flush=True)
+        self.barrier()
+        raise NonFiniteLoss(message)
 
     def finish(self):
         from lorasp_dist.lorasp.export import dense_adapter_weights, write_peft_adapter
@@ -487,6 +540,11 @@ class Recipe:
         self._metrics.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _json_safe(record: dict) -> dict:
+    """NaN and inf are not JSON: they are written as null (a training step's `finite` flag says why)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _get_rng() -> dict:
