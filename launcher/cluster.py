@@ -130,7 +130,7 @@ def _gpu_bytes() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def gpu_memory(cfg: RunConfig) -> int | str | None:
+def gpu_memory(cfg: RunConfig) -> int | None:
     """One GPU's memory, the memory plan's budget per rank: `memory.gpu_mem`, else read on a GPU of the cluster
     (None for CPU workers, or when no GPU answers in time: the plan then checks host memory only)."""
     lc = cfg.launcher

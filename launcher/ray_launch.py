@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.train import unique_run_name
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
 EXIT_FAILED = 1  # the run failed, and went on failing through launcher.max_failures restarts: see RUN_DIR/logs
@@ -45,11 +44,6 @@ class LaunchPlan:
         return self.storage / self.name
 
 
-def unique_name(cfg: RunConfig) -> str:
-    model = cfg.model.preset or Path(str(cfg.model.path)).name
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
-
-
 def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
     if resume is not None:
         run_dir = resume.expanduser().resolve()
@@ -59,7 +53,7 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
         _check_world_size(run_dir, cfg.launcher.num_workers)
     else:
         storage = Path(cfg.launcher.storage_path or cfg.train.output_dir).expanduser().resolve()
-        name = cfg.train.run_name or unique_name(cfg)
+        name = cfg.train.run_name or unique_run_name(cfg)
         if (storage / name).exists():
             raise ConfigError(
                 f"train.run_name = '{name}': {storage / name} exists; continue it with --resume {storage / name}, "
@@ -91,7 +85,7 @@ def _check_world_size(run_dir: Path, workers: int) -> None:
 
 # --- memory plan and dry run -------------------------------------------------------------------------------------
 
-def memory_plan(cfg: RunConfig, gpu_mem: int | str | None) -> tuple[bool, str] | None:
+def memory_plan(cfg: RunConfig, gpu_mem: int | None) -> tuple[bool, str] | None:
     """(fits, table) from the analytic memory model, or None where it is not available."""
     try:
         from lorasp_dist.memory.plan import check_fits
@@ -100,7 +94,7 @@ def memory_plan(cfg: RunConfig, gpu_mem: int | str | None) -> tuple[bool, str] |
     return check_fits(cfg, cfg.launcher.num_workers, gpu_mem, cfg.memory.host_mem)
 
 
-def check_memory(cfg: RunConfig, gpu_mem: int | str | None) -> None:
+def check_memory(cfg: RunConfig, gpu_mem: int | None) -> None:
     verdict = memory_plan(cfg, gpu_mem)
     if verdict and not verdict[0]:
         print(verdict[1], file=sys.stderr)
@@ -141,7 +135,8 @@ def dry_run(plan: LaunchPlan) -> int:
 
 def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force: bool = False,
            command: str = "lorasp launch") -> int:
-    """Check everything, start or join Ray, run the trainer. `command` is this command line, for the resume hint."""
+    """Check everything, start or join Ray, run the trainer. `command` is this command line, for the resume hint.
+    The inputs (lorasp_dist.inputs.check_inputs) are checked by the caller, before it imports this module."""
     plan = make_plan(cfg, resume)
     if dry:
         return dry_run(plan)
@@ -166,7 +161,7 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
 
 
 def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.cluster import worker_resources
@@ -194,6 +189,9 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
             storage_path=str(plan.storage),
             failure_config=FailureConfig(max_failures=lc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            # Ray Train's INFO lines (a repr of every report, from every rank) would bury the ranks' own progress
+            # lines; its warnings and errors still reach the console, and all of it its log files in the session dir.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     stop.arm(run_dir / STOP_FILE)

@@ -87,7 +87,7 @@ def _executable(name: str) -> str:
 def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     """The rendered job for this config and these flags; every inconsistency is a ConfigError naming the flag."""
     from launcher.cluster import LOCAL_OBJECT_STORE_BYTES
-    from launcher.ray_launch import unique_name
+    from lorasp_dist.engine.train import unique_run_name
 
     lc = cfg.launcher
     for flag, value in (("--nodes", args.nodes), ("--cpus-per-node", args.cpus_per_node)):
@@ -122,7 +122,7 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
             raise ConfigError(f"--resume '{args.resume}': no such run directory")
     else:
         storage = Path(lc.storage_path or cfg.train.output_dir).expanduser().resolve()
-        run_dir = storage / (cfg.train.run_name or unique_name(cfg))
+        run_dir = storage / (cfg.train.run_name or unique_run_name(cfg))
         if run_dir.exists():
             raise ConfigError(
                 f"train.run_name = '{run_dir.name}': {run_dir} exists; continue it with --resume {run_dir}, "

@@ -6,11 +6,12 @@ thing is validated. Every error is a `ConfigError` whose message names the field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorasp_dist.model.presets import PRESETS
 
@@ -20,6 +21,47 @@ DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
 
 class ConfigError(ValueError):
     """A bad setting. The message is one line per problem: `field = value: what is accepted`."""
+
+
+# --- memory sizes: "80GiB", "24GB", "512MiB", "1.5TiB" or a number of bytes --------------------------------------
+
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+SIZE_ACCEPTED = ("not a memory size; accepted: a positive number of bytes, or a number with a unit B, KB, MB, GB, TB "
+                 "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 80GiB, 24GB, 1.5TiB")
+
+
+def _size_bytes(text: str | int) -> int | None:
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text if text > 0 else None
+    m = _SIZE_RE.match(str(text))
+    unit = m and (m.group(2).lower() or ("b" if m.group(1).isdigit() else None))
+    if not m or unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
+        return None
+    return int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
+
+
+def parse_size(text: str | int, what: str = "memory size") -> int:
+    """A memory size in bytes; anything else is a ConfigError naming `what`."""
+    size = _size_bytes(text)
+    if size is None:
+        raise ConfigError(f"{what} = {str(text)!r}: {SIZE_ACCEPTED}")
+    return size
+
+
+def _memory_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    size = _size_bytes(value)
+    if size is None:
+        raise ValueError(SIZE_ACCEPTED)
+    return size
+
+
+MemorySize = Annotated[int | None, BeforeValidator(_memory_size)]  # parsed once, here: bytes from then on
 
 
 class _Section(BaseModel):
@@ -120,8 +162,8 @@ class LauncherConfig(_Section):
 class MemoryConfig(_Section):
     enabled: bool = True
     sample_interval_s: float = Field(0.5, gt=0)
-    gpu_mem: str | None = None  # for `plan`: per-GPU memory, e.g. 80GiB
-    host_mem: str | None = None
+    gpu_mem: MemorySize = None  # for `plan` and `launch`: per-GPU memory, e.g. 80GiB (bytes once validated)
+    host_mem: MemorySize = None  # host memory per node, e.g. 512GiB
     record_history_steps: list[int] = Field(default_factory=list)  # [K] records a CUDA snapshot for steps K..K+2
 
 

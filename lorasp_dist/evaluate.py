@@ -54,6 +54,10 @@ def normalize(text: str) -> str:
     return lines[0].strip().lower() if lines else ""
 
 
+def default_metric(records: list[dict]) -> str:
+    return "multiple_choice" if all("choices" in r for r in records) else "exact_match"
+
+
 def _check(records: list[dict], metric: str) -> None:
     if metric not in METRICS:
         raise EvalError(f"--metric = {metric!r}: accepted: {', '.join(METRICS)}")
@@ -163,8 +167,7 @@ def evaluate(
     else exact_match."""
     if not records:
         raise EvalError("no records to evaluate")
-    if metric is None:
-        metric = "multiple_choice" if all("choices" in r for r in records) else "exact_match"
+    metric = metric or default_metric(records)
     _check(records, metric)
     enc = _Encoder(tokenizer)
     was_training = model.training
@@ -212,7 +215,8 @@ def resolve_adapter(path: str | Path) -> Path:
 
 def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer: str | Path | None = None):
     """(model, tokenizer): the base from a local directory (cuda in bf16 if there is one, else CPU in fp32), with the
-    PEFT adapter on top unless `adapter` is None. The base defaults to the adapter's base_model_name_or_path."""
+    PEFT adapter on top unless `adapter` is None. The base defaults to the adapter's base_model_name_or_path, the
+    tokenizer to the one saved beside the adapter, else the base's."""
     from lorasp_dist.data import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -242,8 +246,11 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
         what = f"base '{base}'" + (f" with adapter '{adapter_dir}'" if adapter_dir else "")
         raise EvalError(f"cannot load {what}: {first}") from None
     model.eval()
-    tok_dir = tokenizer if tokenizer is not None else base
-    return model, load_tokenizer(tok_dir, "--tokenizer" if tokenizer is not None else "--base")
+    if tokenizer is not None:
+        return model, load_tokenizer(tokenizer, "--tokenizer")
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():  # saved there by training
+        return model, load_tokenizer(adapter_dir, "RUN_DIR|ADAPTER")
+    return model, load_tokenizer(base, "--base")
 
 
 def run_eval(
@@ -262,8 +269,8 @@ def run_eval(
         if value is not None and value < 1:
             raise EvalError(f"{flag} = {value}: must be a positive integer")
     records = read_records(data)[:max_examples]
-    if metric is not None:  # fail before the (slow) model load
-        _check(records, metric)
+    metric = metric or default_metric(records)
+    _check(records, metric)  # before the (slow) model load
     model, tok = load_for_eval(target, base, tokenizer)
     result = evaluate(model, tok, records, metric, batch_size=batch_size, max_new_tokens=max_new_tokens)
     result.update(adapter=str(resolve_adapter(target)) if target else None, data=str(data))

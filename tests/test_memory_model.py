@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lorasp_dist.cli import main
-from lorasp_dist.config import ConfigError, load_config, make_lorasp_config
+from lorasp_dist.config import ConfigError, load_config, make_lorasp_config, parse_size
 from lorasp_dist.lorasp import apply_lorasp
 from lorasp_dist.memory.model import (
     CPU_IMPORT_BYTES,
@@ -20,7 +20,6 @@ from lorasp_dist.memory.model import (
     PROCESS_BASE_BYTES,
     MemoryPlan,
     full_finetune_bytes,
-    parse_size,
     plan_for_config,
     plan_memory,
 )
@@ -45,6 +44,10 @@ def test_parse_size():
     for bad in ("24 gigs", "", "-1GiB", "0", "1.5", "GiB", "12XB"):
         with pytest.raises(ConfigError, match="--gpu-mem = .*accepted"):
             parse_size(bad, "--gpu-mem")
+    # in a config, sizes are parsed once, when it is validated: bytes from then on
+    assert load_config(None, ["memory.gpu_mem=80GiB"]).memory.gpu_mem == 80 * GiB
+    with pytest.raises(ConfigError, match=r"^memory.gpu_mem = 'lots': not a memory size; accepted"):
+        load_config(None, ["memory.gpu_mem=lots"])
 
 
 def test_llama65b_4bit_weights_by_hand():
@@ -308,9 +311,9 @@ def test_plan_for_config_and_checkpoint_shapes(tmp_path):
 
 def test_check_fits():
     cfg = load_config(None, ["model.preset=llama-65b", "data.seq_len=2048", "launcher.gpus_per_worker=1"])
-    ok, table = check_fits(cfg, 2, "80GiB")
+    ok, table = check_fits(cfg, 2, 80 * GiB)
     assert ok and "fits:" in table
-    ok, table = check_fits(cfg, 2, "24GiB")
+    ok, table = check_fits(cfg, 2, 24 * GiB)
     assert not ok and "does not fit" in table and "base_weights_4bit" in table
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,27 +94,6 @@ _ZERO_DEFAULTS = {
     "stage3_max_reuse_distance": 1_000_000_000,
     "sub_group_size": 1_000_000_000,
 }
-
-_SIZE_UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int, what: str = "memory size") -> int:
-    """"80GiB", "24GB", "512MiB", "1.5TiB" or a plain integer (bytes) -> bytes; anything else is a ConfigError."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = _SIZE_RE.match(str(text))
-    unit = m and (m.group(2).lower() or ("b" if m.group(1).isdigit() else None))
-    if not m or unit not in _SIZE_UNITS or float(m.group(1)) * _SIZE_UNITS[unit] < 1:
-        raise ConfigError(
-            f"{what} = {str(text)!r}: not a memory size; accepted: a positive number of bytes, or a number with a unit "
-            "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 80GiB, 24GB, 1.5TiB"
-        )
-    return int(round(float(m.group(1)) * _SIZE_UNITS[unit]))
-
 
 def gib(n: float) -> float:
     return n / GiB

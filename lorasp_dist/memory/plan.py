@@ -8,14 +8,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lorasp_dist.config import DS_CONFIGS, ConfigError, RunConfig, apply_overrides, load_config, validate
+from lorasp_dist.config import (
+    DS_CONFIGS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    parse_size,
+    validate,
+)
 from lorasp_dist.memory.model import (
     CPU_HOST_COMPONENTS,
     GPU_COMPONENTS,
     HOST_COMPONENTS,
     MemoryPlan,
     gib,
-    parse_size,
     plan_for_config,
     plan_kwargs,
     plan_memory,
@@ -113,14 +120,11 @@ def format_plan_table(plan: MemoryPlan, gpu_mem: int | None = None, host_mem: in
     return "\n".join(out + ([v] if v else []))
 
 
-def check_fits(cfg: RunConfig, world_size: int, gpu_mem: int | str | None,
-               host_mem: int | str | None = None) -> tuple[bool, str]:
-    """For `lorasp launch`: does this config fit (with the table that says why)?"""
+def check_fits(cfg: RunConfig, world_size: int, gpu_mem: int | None, host_mem: int | None = None) -> tuple[bool, str]:
+    """For `lorasp launch`: does this config fit (with the table that says why)? Sizes in bytes."""
     device = "cuda" if cfg.launcher.gpus_per_worker > 0 else "cpu"
-    gpu = None if gpu_mem is None else parse_size(gpu_mem, "--gpu-mem")
-    host = None if host_mem is None else parse_size(host_mem, "--host-mem")
     plan = plan_for_config(cfg, world_size, device=device)
-    return fits(plan, gpu if device == "cuda" else None, host), format_plan_table(plan, gpu, host)
+    return fits(plan, gpu_mem if device == "cuda" else None, host_mem), format_plan_table(plan, gpu_mem, host_mem)
 
 
 def _load(args) -> RunConfig:
@@ -143,10 +147,8 @@ def run_plan_command(args) -> int:
     if args.gpus is not None and args.gpus < 1:
         raise ConfigError(f"--gpus = {args.gpus}: must be a positive integer (one rank per GPU)")
     world = args.gpus or cfg.launcher.num_workers
-    gpu_text = args.gpu_mem or cfg.memory.gpu_mem
-    host_text = args.host_mem or cfg.memory.host_mem
-    gpu_mem = None if gpu_text is None else parse_size(gpu_text, "--gpu-mem")
-    host_mem = None if host_text is None else parse_size(host_text, "--host-mem")
+    gpu_mem = parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else cfg.memory.gpu_mem
+    host_mem = parse_size(args.host_mem, "--host-mem") if args.host_mem else cfg.memory.host_mem
     on_gpu = bool(args.gpus or args.preset or gpu_mem or cfg.launcher.gpus_per_worker > 0)
     plan = plan_for_config(cfg, world, device="cuda" if on_gpu else "cpu")
 
