@@ -1,7 +1,8 @@
 """`lorasp` (and `python -m lorasp_dist`): one entry point for every command.
 
-Rank-side commands live here. launcher/ adds `launch` and `slurm` through the `lorasp.commands` entry-point group,
-so this package never imports launcher. Any bad input ends as one line on stderr and exit code 2.
+Rank-side commands live here. launcher/ adds `launch` and `slurm` through the `lorasp.commands` entry-point group
+(in a checkout that was never installed, by the same names: `command_plugins`), so this package never imports
+launcher. Any bad input ends as one line on stderr and exit code 2.
 """
 
 from __future__ import annotations

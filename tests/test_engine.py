@@ -43,7 +43,7 @@ def train(out: Path, name: str, *overrides: str, timeout: float = 600) -> Path:
 
 
 def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
-    """step -> record; a step logged twice (a killed run redid it) keeps the last record."""
+    """step -> record."""
     out = {}
     for line in (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -102,6 +102,9 @@ def test_kill_and_resume_matches_uninterrupted(resume_runs):
     assert worst <= 1e-6
     mw, mr = metrics(whole), metrics(resumed)
     assert sorted(mw) == sorted(mr) == list(range(1, 21))
+    for rank in (0, 1):  # what the killed run logged past its step-10 checkpoint was dropped on resuming
+        lines = (resumed / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
     for step in range(1, 21):
         assert mr[step]["loss"] == pytest.approx(mw[step]["loss"], abs=1e-6), step
     pa = load_file(whole / "adapter" / "adapter_model.safetensors")

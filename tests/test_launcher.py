@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,11 +286,12 @@ def test_killed_rank_is_restarted_from_its_checkpoint(uninterrupted, ray_env, tm
     assert int((run / "pids" / "rank1").read_text()) != victim  # Ray Train started a new group
     resumed = (run / "logs" / "rank0.log").read_text()
     assert "resume: auto (newest sealed: step-0000" in resumed and "[lorasp] resumed from" in resumed
-    steps = steps_logged(run)
-    redone = sum(n - 1 for n in Counter(steps).values())
+    resumed_at = int(re.search(r"\[lorasp\] resumed from \S+ at step (\d+)", resumed)[1])
+    redone = killed_after - resumed_at
     print(f"steps redone after the restart: {redone}")
-    assert sorted(set(steps)) == list(range(1, 16))
     assert redone <= 5  # at most one checkpoint interval (train.save_every)
+    for rank in (0, 1):  # the records of the steps redone were dropped on resuming: every step once
+        assert steps_logged(run, rank) == list(range(1, 16))
     assert all(registered(run, step) for step in (5, 10, 15))  # Ray registered (and so will prune) every one
     gap = adapter_gap(run, uninterrupted)
     print(f"max |killed - uninterrupted| over the adapter: {gap:.3g}")
