@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError, RunConfig, load_config
+from lorasp_dist.inputs import check_inputs
 from lorasp_dist.shipped import shipped
 
 TEMPLATE = shipped("slurm/lorasp.sbatch")
@@ -187,6 +188,7 @@ def check_partition_gpus(partition: str | None) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)  # bad input ends now, not after the job has waited in the queue
     job = plan_job(cfg, args)
     template = Path(args.template)
     if not template.is_file():

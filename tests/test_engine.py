@@ -80,13 +80,19 @@ def resume_runs(tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     sealed = ckpt.step_dir(out / "killed", 10) / ckpt.MANIFEST
+    logged = out / "killed" / "metrics" / "rank0.jsonl"
+
+    def past_the_checkpoint() -> bool:  # step 11 logged: the resumed run has records to drop
+        return sealed.exists() and logged.read_text().count("\n") >= 11
+
     deadline = time.time() + 600
-    while not sealed.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert sealed.exists(), "the run never wrote its step-10 checkpoint"
     killed_at = max(metrics(out / "killed"))
+    assert killed_at > 10
     resumed = train(out, "killed", *common)
     return whole, resumed, killed_at
 
