@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -13,6 +14,7 @@ import yaml
 from lorasp_dist import cli
 from lorasp_dist.cli import main
 from lorasp_dist.config import ConfigError, load_config, make_lorasp_config
+from lorasp_dist.engine.train import unique_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,3 +119,10 @@ def test_launcher_commands_from_a_checkout_without_entry_points(monkeypatch, cap
         assert done.value.code == 0 and f"usage: lorasp {command}" in capsys.readouterr().out
     installed = {ep.name: ep.value for ep in entry_points(group=cli.COMMANDS_GROUP)}  # from pyproject.toml
     assert cli.IN_TREE_COMMANDS == installed
+
+
+def test_run_names_are_unique_under_any_launcher():
+    """torchrun and `lorasp launch` name a run the same way: time, model and a random suffix."""
+    cfg = load_config(REPO / "examples" / "tiny.yaml")
+    names = {unique_run_name(cfg) for _ in range(3)}  # the same second
+    assert len(names) == 3 and all(re.fullmatch(r"\d{8}-\d{6}-tiny-[0-9a-f]{6}", n) for n in names)
