@@ -4,15 +4,14 @@ quant storage, gradient checkpointing, the shipped corpus. Plus checkpoint integ
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -88,7 +87,13 @@ def resume_runs(tmp_path_factory):
     deadline = time.time() + 600
     while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts every worker in a session of its own: kill the whole tree, or the workers finish the run
+    tree = psutil.Process(proc.pid)
+    for victim in [*tree.children(recursive=True), tree]:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
     assert sealed.exists(), "the run never wrote its step-10 checkpoint"
     killed_at = max(metrics(out / "killed"))
