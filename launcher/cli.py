@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 
 from lorasp_dist.config import load_config
+from lorasp_dist.inputs import check_inputs
 
 # flag -> the config field it overrides, so flags and config are validated (and reported) the same way
 FLAG_FIELDS = {"address": "launcher.address", "num_workers": "launcher.num_workers",
@@ -51,14 +52,15 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from launcher.ray_launch import launch
-
     late = argparse.ArgumentParser(prog="lorasp launch", add_help=False, argument_default=argparse.SUPPRESS)
     _add_flags(late)
     flags, args.overrides = late.parse_known_args(args.overrides)  # flags given after the first override
     vars(args).update(vars(flags))
     fields = [f"{field}={value}" for key, field in FLAG_FIELDS.items() if (value := getattr(args, key)) is not None]
     cfg = load_config(args.config, [*args.overrides, *fields])
+    check_inputs(cfg)  # paths, data columns, tokenizer, context: one line in a second, before torch and Ray load
+    from launcher.ray_launch import launch
+
     return launch(cfg, resume=args.resume, dry=args.dry_run, force=args.force, command=_command(args))
 
 

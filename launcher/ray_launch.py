@@ -26,8 +26,6 @@ import json
 import os
 import sys
 import threading
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from launcher.local_ray import isolate_local_instance
 from launcher.signals import StopRelay
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
-from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE
+from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE, unique_run_name
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
@@ -57,11 +55,6 @@ class LaunchPlan:
         return self.storage / self.name
 
 
-def unique_name(cfg: RunConfig) -> str:
-    model = cfg.model.preset or Path(str(cfg.model.path)).name
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
-
-
 def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
     if resume is not None:
         run_dir = resume.expanduser().resolve()
@@ -71,7 +64,7 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
         _check_world_size(run_dir, cfg.launcher.num_workers)
     else:
         storage = Path(cfg.launcher.storage_path or cfg.train.output_dir).expanduser().resolve()
-        name = cfg.train.run_name or unique_name(cfg)
+        name = cfg.train.run_name or unique_run_name(cfg)
         if (storage / name).exists():
             raise ConfigError(
                 f"train.run_name = '{name}': {storage / name} exists; continue it with --resume {storage / name}, "
@@ -144,7 +137,8 @@ def dry_run(plan: LaunchPlan) -> int:
 
 def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force: bool = False,
            command: str = "lorasp launch") -> int:
-    """Check everything, start or join Ray, run the trainer. `command` is this command line, for the resume hint."""
+    """Check everything, start or join Ray, run the trainer. `command` is this command line, for the resume hint.
+    The inputs (lorasp_dist.inputs.check_inputs) are checked by the caller, before it imports this module."""
     plan = make_plan(cfg, resume)
     if dry:
         return dry_run(plan)
@@ -174,7 +168,7 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
 
 def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.cluster import worker_resources
@@ -205,6 +199,9 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
             storage_path=str(plan.storage),
             failure_config=FailureConfig(max_failures=lc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            # Ray Train's INFO lines (a repr of every report, from every rank) would bury the ranks' own progress
+            # lines; its warnings and errors still reach the console, and all of it its log files in the session dir.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     stop.arm(run_dir / STOP_FILE)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError, RunConfig, load_config
+from lorasp_dist.inputs import check_inputs
 from lorasp_dist.shipped import shipped
 
 TEMPLATE = shipped("slurm/lorasp.sbatch")
@@ -129,7 +130,7 @@ def _executable(name: str) -> str:
 def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     """The rendered job for this config and these flags; every inconsistency is a ConfigError naming the flag."""
     from launcher.cluster import LOCAL_OBJECT_STORE_BYTES
-    from launcher.ray_launch import unique_name
+    from lorasp_dist.engine.train import unique_run_name
 
     lc = cfg.launcher
     for flag, value in (("--nodes", args.nodes), ("--cpus-per-node", args.cpus_per_node)):
@@ -167,7 +168,7 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     else:
         storage = Path(lc.storage_path or cfg.train.output_dir).expanduser().resolve()
         check("launcher.storage_path" if lc.storage_path else "train.output_dir", str(storage), "path")
-        run_dir = storage / check("train.run_name", cfg.train.run_name or unique_name(cfg), "run name")
+        run_dir = storage / check("train.run_name", cfg.train.run_name or unique_run_name(cfg), "run name")
         if run_dir.exists():
             raise ConfigError(
                 f"train.run_name = '{run_dir.name}': {run_dir} exists; continue it with --resume {run_dir}, "
@@ -237,6 +238,7 @@ def check_partition_gpus(partition: str | None) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)  # bad input ends now, not after the job has waited in the queue
     job = plan_job(cfg, args)
     template = Path(args.template)
     if not template.is_file():

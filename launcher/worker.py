@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ def train_worker(args: WorkerArgs) -> None:
     from lorasp_dist.engine import checkpoint as ckpt
     from lorasp_dist.engine.train import NonFiniteLoss, train
 
+    _quiet_report_repr()
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(args["run_dir"])
     with TeeOutput(run_dir / "logs" / f"rank{rank}.log", prefix=f"[rank {rank}] "):
@@ -57,6 +60,16 @@ def train_worker(args: WorkerArgs) -> None:
             train(cfg, on_checkpoint=on_checkpoint, prune=False)
         except NonFiniteLoss:
             return  # a deliberate stop, not a crash for Ray to retry: the driver finds RUN_DIR/nonfinite.json
+
+
+def _quiet_report_repr() -> None:
+    """Ray Train 2.60 logs a repr of every report, on every rank, at INFO, through a logger named by its file's path
+    (`logging.getLogger(__file__)` in ray.train.v2._internal.execution.context). That name escapes the `ray.train`
+    level `lorasp launch` sets (RunConfig.logging_config), so the lines reach the console and the rank logs: give
+    that logger the same level (its warnings still show)."""
+    context = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context is not None:
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _report(rank: int, path: Path, meta: dict) -> None:

@@ -1,18 +1,25 @@
 """`lorasp` (and `python -m lorasp_dist`): one entry point for every command.
 
-Rank-side commands live here. launcher/ adds `launch` and `slurm` through the `lorasp.commands` entry-point group,
-so this package never imports launcher. Any bad input ends as one line on stderr and exit code 2; a training run
-stopped on a NaN/inf loss (train.max_nonfinite_steps) ends as one line and exit code 4.
+Rank-side commands live here. launcher/ adds `launch` and `slurm` through the `lorasp.commands` entry-point group
+(in a checkout that was never installed, by the same names: `command_plugins`), so this package never imports
+launcher. Any bad input ends as one line on stderr and exit code 2; a training run stopped on a NaN/inf loss
+(train.max_nonfinite_steps) ends as one line and exit code 4.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 from lorasp_dist.config import ConfigError, load_config
+from lorasp_dist.inputs import check_inputs
+
+COMMANDS_GROUP = "lorasp.commands"
+IN_TREE_COMMANDS = {"launch": "launcher.cli:add_launch_command", "slurm": "launcher.slurm:add_slurm_command"}
 
 
 class UsageError(ConfigError):
@@ -34,6 +41,7 @@ def _config(args):
 
 def cmd_validate(args) -> int:
     cfg = _config(args)
+    check_inputs(cfg)
     print(cfg.to_yaml(), end="")
     print(f"# ok: {args.config} is a valid run config", file=sys.stderr)
     return 0
@@ -72,8 +80,12 @@ def cmd_tokenizer_train(args) -> int:
     from lorasp_dist.data import train_tokenizer
 
     cfg = _config(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise UsageError(f"--out = '{out}': exists and is not empty; choose a new directory, or pass --force to "
+                         "replace it")
     vocab_size = cfg.data.vocab_size if args.vocab_size is None else args.vocab_size
-    print(train_tokenizer(cfg.data, args.out, vocab_size=vocab_size))
+    print(train_tokenizer(cfg.data, out, vocab_size=vocab_size))
     return 0
 
 
@@ -142,11 +154,14 @@ def _add_quality_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="score an adapter (or the base alone) on an instruction jsonl")
     p.add_argument("target", nargs="?", metavar="RUN_DIR|ADAPTER", help="leave out to score --base alone")
-    p.add_argument("--data", required=True, help="instruction jsonl (prompt, response; choices for multiple_choice)")
+    p.add_argument("--data", required=True,
+                   help="instruction jsonl: one object a line with `prompt` and `response`; multiple_choice also "
+                   "needs `choices` (a list of strings) and `answer_index` (the correct choice, from 0)")
     p.add_argument("--metric", choices=["exact_match", "multiple_choice", "loss"], default=None,
                    help="default: multiple_choice when every record has choices, else exact_match")
     p.add_argument("--base", default=None, help="base checkpoint dir (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the base's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one saved with the adapter, else "
+                   "the base's)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
@@ -168,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check a run config and print it resolved")
+    p = sub.add_parser("validate", help="check a run config and its inputs (paths, data columns, tokenizer, "
+                       "context length), and print it resolved")
     _add_config_args(p)
     p.set_defaults(func=cmd_validate)
 
@@ -193,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(t, optional=True)
     t.add_argument("--out", required=True, help="directory to write tokenizer.model into")
     t.add_argument("--vocab-size", type=int, default=None)
+    t.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser(
@@ -216,9 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_quality_commands(sub)  # import-gguf, data import-bigbench, eval
 
-    for ep in entry_points(group="lorasp.commands"):
-        ep.load()(sub)
+    for add_commands in command_plugins():
+        add_commands(sub)
     return parser
+
+
+def command_plugins() -> list:
+    """The functions that add other packages' sub-commands: the `lorasp.commands` entry points of the installed
+    distribution. A checkout run as `python -m lorasp_dist` without being installed has none: then the launcher
+    beside this package adds them, named as in pyproject.toml (by name only: this package never imports launcher)."""
+    found = list(entry_points(group=COMMANDS_GROUP))
+    if not found and importlib.util.find_spec("launcher") is not None:
+        found = [EntryPoint(name, value, COMMANDS_GROUP) for name, value in IN_TREE_COMMANDS.items()]
+    return [ep.load() for ep in found]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ Everything here is deterministic by seed and independent of the world size.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import sys
@@ -29,11 +28,11 @@ import yaml
 from transformers import AutoTokenizer, LlamaTokenizer
 
 from lorasp_dist.atomic import atomic_dir
-from lorasp_dist.config import ConfigError, DataConfig, RunConfig
+from lorasp_dist.config import DataConfig, RunConfig
+from lorasp_dist.inputs import DataError, builtin_corpus_dir, data_files, has_tokenizer
 
 PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"  # for tokenizers without a chat template
 IGNORE_INDEX = -100  # labels never scored: bos, prompt and padding tokens
-EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "text": "text"}  # our format -> datasets builder
 
 # LLaMA's recipe at small scale: BPE, byte fallback (no unknown characters), digits split, text kept as is.
@@ -56,10 +55,6 @@ SPM_SETTINGS = dict(
     minloglevel=2,
 )
 SPM_VERSION = 1  # part of the tokenizer cache key: bump when SPM_SETTINGS or the training text change
-
-
-class DataError(ConfigError):
-    """Bad data input: one line, `field = value: what is wrong / accepted`. The CLI exits with code 2."""
 
 
 @dataclass
@@ -90,14 +85,6 @@ def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------- records
 
 
-def builtin_corpus_dir() -> Path:
-    """The English YAML files of chatterbot-corpus, found without importing the package."""
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.path = None: the built-in corpus needs chatterbot-corpus (pip install chatterbot-corpus)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
-
-
 def _builtin_records(mode: str) -> dict[str, list]:
     conversations = []
     for f in sorted(builtin_corpus_dir().glob("*.yml")):
@@ -107,28 +94,6 @@ def _builtin_records(mode: str) -> dict[str, list]:
         return {"text": ["\n".join(c) for c in conversations]}
     pairs = [(q, a) for c in conversations for q, a in zip(c, c[1:])]  # every turn answers the one before it
     return {"prompt": [q for q, _ in pairs], "response": [a for _, a in pairs]}
-
-
-def _source(data: DataConfig) -> tuple[list[Path], str]:
-    """The files behind `data` (sorted) and their format."""
-    if data.path is None:
-        return sorted(builtin_corpus_dir().glob("*.yml")), "chatterbot"
-    path, shown = data.path, repr(str(data.path))
-    if not path.exists():
-        raise DataError(f"data.path = {shown}: not found")
-    if path.is_dir():
-        fmt = "text" if data.format == "auto" else data.format  # a directory of .txt files is a text corpus
-        files = sorted(p for p in path.iterdir() if p.is_file() and EXTENSIONS.get(p.suffix.lower()) == fmt)
-        if not files:
-            exts = [e for e, f in EXTENSIONS.items() if f == fmt]
-            raise DataError(f"data.path = {shown}: a directory without {'/'.join(exts)} files")
-        return files, fmt
-    fmt = EXTENSIONS.get(path.suffix.lower()) if data.format == "auto" else data.format
-    if fmt is None:
-        raise DataError(f"data.path = {shown}: unsupported extension {path.suffix!r}; "
-                        f"accepted: {', '.join(EXTENSIONS)} "
-                        "(or set data.format)")
-    return [path], fmt
 
 
 def _is_blank(path: Path) -> bool:
@@ -172,7 +137,7 @@ def load_records(data: DataConfig) -> datasets.Dataset:
     data.path None: the built-in corpus. Otherwise a .jsonl/.json/.parquet/.txt/.text file (data.format "auto" picks
     by extension) or a directory of such files. Records with a missing or blank field are dropped.
     """
-    files, fmt = _source(data)
+    files, fmt = data_files(data)
     table = _builtin_records(data.mode) if data.path is None else _read_files(data, files, fmt)
     keep = [i for i, row in enumerate(zip(*table.values())) if all(v is not None and str(v).strip() for v in row)]
     table = {name: [str(values[i]).strip("\n") for i in keep] for name, values in table.items()}
@@ -300,12 +265,8 @@ def load_tokenizer(path: str | Path, field: str = "data.tokenizer", trust_remote
     raise DataError(f"{field} = {shown}: no tokenizer files (tokenizer.json, tokenizer_config.json or tokenizer.model)")
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
 def _tokenizer_cache_key(data: DataConfig) -> str:
-    files, fmt = _source(data)
+    files, fmt = data_files(data)
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]  # retrain if the data changes
     columns = (data.text_column,) if data.mode == "text" else (data.prompt_column, data.response_column)
     key = json.dumps([SPM_VERSION, fmt, data.mode, columns, data.vocab_size, stats])
@@ -320,7 +281,7 @@ def ensure_tokenizer(cfg: RunConfig):
     """
     if cfg.data.tokenizer is not None:
         return load_tokenizer(cfg.data.tokenizer, "data.tokenizer", cfg.model.trust_remote_code)
-    if cfg.model.path is not None and _has_tokenizer(cfg.model.path):
+    if cfg.model.path is not None and has_tokenizer(cfg.model.path):
         return load_tokenizer(cfg.model.path, "model.path", cfg.model.trust_remote_code)
     cache = cfg.train.output_dir / ".cache" / f"tokenizer-{_tokenizer_cache_key(cfg.data)}"
     if not (cache / "tokenizer_config.json").is_file():

@@ -21,13 +21,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_config
 from lorasp_dist.data import Template, load_tokenizer
 
@@ -66,6 +66,10 @@ def normalize(text: str) -> str:
     first = lines[0].lower() if lines else ""
     kept = "".join(c for c in first if not unicodedata.category(c).startswith("P"))
     return re.sub(r"\s+", " ", kept).strip()
+
+
+def default_metric(records: list[dict]) -> str:
+    return "multiple_choice" if all("choices" in r for r in records) else "exact_match"
 
 
 def _check(records: list[dict], metric: str) -> None:
@@ -196,8 +200,7 @@ def evaluate(
     the record's own loss instead of a prediction)."""
     if not records:
         raise EvalError("no records to evaluate")
-    if metric is None:
-        metric = "multiple_choice" if all("choices" in r for r in records) else "exact_match"
+    metric = metric or default_metric(records)
     _check(records, metric)
     form = Template(tokenizer, template)
     was_training = model.training
@@ -332,18 +335,12 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
     model.eval()
     print(f"[eval] base: {f'NF4 4-bit as trained, {precision} elsewhere' if quantized else 'dense'} ({base})",
           file=sys.stderr, flush=True)
-    tok_dir = tokenizer if tokenizer is not None else base
-    return model, load_tokenizer(tok_dir, "--tokenizer" if tokenizer is not None else "--base"), \
-        "nf4" if quantized else "dense"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
+    weights = "nf4" if quantized else "dense"
+    if tokenizer is not None:
+        return model, load_tokenizer(tokenizer, "--tokenizer"), weights
+    if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file():  # saved there by training
+        return model, load_tokenizer(adapter_dir, "RUN_DIR|ADAPTER"), weights
+    return model, load_tokenizer(base, "--base"), weights
 
 
 def predictions_path(out: str | Path) -> Path:
@@ -371,8 +368,8 @@ def run_eval(
     if out is not None and Path(out).is_dir():
         raise EvalError(f"--out = '{out}': a directory; give the path of a JSON file to write")
     records = read_records(data)[:max_examples]
-    if metric is not None:  # fail before the (slow) model load
-        _check(records, metric)
+    metric = metric or default_metric(records)
+    _check(records, metric)  # before the (slow) model load
     model, tok, base_weights = load_for_eval(target, base, tokenizer, dense=dense)
     if template is None:  # the template the run trained with
         run = _run_config(resolve_adapter(target)) if target else None
@@ -385,6 +382,7 @@ def run_eval(
     if out is not None:
         preds = predictions_path(out)
         result["predictions"] = str(preds)
-        _write_atomic(preds, "".join(json.dumps(p) + "\n" for p in predictions))
-        _write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+        preds.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(preds, "".join(json.dumps(p) + "\n" for p in predictions))
+        atomic_write_text(Path(out), json.dumps(result, indent=2) + "\n")
     return result

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lorasp_dist import cli
 from lorasp_dist.cli import main
 from lorasp_dist.config import ConfigError, load_config, make_lorasp_config
+from lorasp_dist.engine.train import unique_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +108,21 @@ def test_entry_points_work_as_processes(tmp_path):
     bad = run_cli("validate", str(REPO / "examples" / "tiny.yaml"), "lorasp.ratio=0")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "lorasp.ratio = 0" in bad.stderr
+
+
+def test_launcher_commands_from_a_checkout_without_entry_points(monkeypatch, capsys):
+    """`python -m lorasp_dist launch` in a checkout nobody installed: no entry points, the in-tree launcher."""
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    for command in ("launch", "slurm"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0 and f"usage: lorasp {command}" in capsys.readouterr().out
+    installed = {ep.name: ep.value for ep in entry_points(group=cli.COMMANDS_GROUP)}  # from pyproject.toml
+    assert cli.IN_TREE_COMMANDS == installed
+
+
+def test_run_names_are_unique_under_any_launcher():
+    """torchrun and `lorasp launch` name a run the same way: time, model and a random suffix."""
+    cfg = load_config(REPO / "examples" / "tiny.yaml")
+    names = {unique_run_name(cfg) for _ in range(3)}  # the same second
+    assert len(names) == 3 and all(re.fullmatch(r"\d{8}-\d{6}-tiny-[0-9a-f]{6}", n) for n in names)

@@ -112,7 +112,7 @@ def test_named_columns(tmp_path):
 # -------------------------------------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_trains_and_round_trips(tok_dir, tok, tmp_path):
+def test_tokenizer_trains_and_round_trips(tok_dir, tok, tmp_path, capsys):
     assert len(tok) == 1024 and (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.pad_token_id is None
     text = "What is AI?\nArtificial Intelligence: 42 machines, naïve café ☃."  # unseen characters fall back to bytes
@@ -120,8 +120,16 @@ def test_tokenizer_trains_and_round_trips(tok_dir, tok, tmp_path):
     assert tok.unk_token_id not in ids and tok.decode(ids) == text
     auto = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     assert auto(text, add_special_tokens=False)["input_ids"] == ids
-    # Deterministic: a second training writes the same model, here through the CLI.
-    assert cli.main(["tokenizer", "train", "--out", str(tmp_path / "again"), "--vocab-size", "1024"]) == 0
+    # Deterministic: a second training writes the same model, here through the CLI, which refuses to overwrite a
+    # directory that holds files (as prepare-base does) unless --force is given.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "mine.txt").write_text("keep me")
+    train = ["tokenizer", "train", "--out", str(tmp_path / "again"), "--vocab-size", "1024"]
+    assert cli.main(train) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "again" / "mine.txt").read_text() == "keep me"
+    assert cli.main([*train, "--force"]) == 0
+    assert not (tmp_path / "again" / "mine.txt").exists()
     assert (tmp_path / "again" / "tokenizer.model").read_bytes() == (tok_dir / "tokenizer.model").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 

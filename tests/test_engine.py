@@ -4,15 +4,14 @@ quant storage, gradient checkpointing, the shipped corpus. Plus checkpoint integ
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -43,7 +42,7 @@ def train(out: Path, name: str, *overrides: str, timeout: float = 600) -> Path:
 
 
 def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
-    """step -> record; a step logged twice (a killed run redid it) keeps the last record."""
+    """step -> record."""
     out = {}
     for line in (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -89,13 +88,25 @@ def resume_runs(tmp_path_factory):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     sealed = ckpt.step_dir(out / "killed", 10) / ckpt.MANIFEST
+    logged = out / "killed" / "metrics" / "rank0.jsonl"
+
+    def past_the_checkpoint() -> bool:  # step 11 logged: the resumed run has records to drop
+        return sealed.exists() and logged.read_text().count("\n") >= 11
+
     deadline = time.time() + 600
-    while not sealed.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    # torchrun starts every worker in a session of its own: kill the whole tree, or the workers finish the run
+    tree = psutil.Process(proc.pid)
+    for victim in [*tree.children(recursive=True), tree]:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
     assert sealed.exists(), "the run never wrote its step-10 checkpoint"
     killed_at = max(metrics(out / "killed"))
+    assert killed_at > 10
     resumed = train(out, "killed", *common)
     return whole, resumed, killed_at
 
@@ -111,6 +122,9 @@ def test_kill_and_resume_matches_uninterrupted(resume_runs):
     assert worst <= 1e-6
     mw, mr = metrics(whole), metrics(resumed)
     assert sorted(mw) == sorted(mr) == list(range(1, 21))
+    for rank in (0, 1):  # what the killed run logged past its step-10 checkpoint was dropped on resuming
+        lines = (resumed / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
     for step in range(1, 21):
         assert mr[step]["loss"] == pytest.approx(mw[step]["loss"], abs=1e-6), step
     pa = load_file(whole / "adapter" / "adapter_model.safetensors")

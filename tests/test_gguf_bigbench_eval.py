@@ -478,6 +478,15 @@ def test_eval_bad_inputs(tmp_path, capsys, run_dir):
     assert_one_line_error(rc, err, "no config.json")
     rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--out", tmp_path)
     assert_one_line_error(rc, err, f"--out = '{tmp_path}': a directory")
+    # multiple_choice (the default when every record has choices) needs answer_index: said before any model loads
+    # (the bad --base would fail the load), and in --help
+    unanswered = {k: v for k, v in MC_RECORDS[0].items() if k != "answer_index"}
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [unanswered])
+    rc, _, err = run_cli(capsys, "eval", run_dir, "--data", no_answer, "--base", tmp_path)
+    assert_one_line_error(rc, err, "`answer_index`")
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "eval", "--help")
+    assert "answer_index" in capsys.readouterr().out
     assert read_records(gen) == [{"prompt": "x", "response": "y"}]
 
 

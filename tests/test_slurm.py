@@ -86,6 +86,7 @@ def test_dry_run_is_a_complete_bash_script(tmp_path):
     (("--nodes", "0"), "--nodes = 0: must be 1 or more"),
     (("launcher.gpus_per_worker=1", "--gpus-per-node", "1"), "launcher.num_workers = 2: 1 node(s) x (2 CPUs, 1 GPUs)"),
     (("--gpus-per-node", "many"), "--gpus-per-node = 'many': expected a count or TYPE:COUNT"),
+    (("data.path=/nonexistent.jsonl",), "data.path = '/nonexistent.jsonl': not found"),  # before the job queues
 ])
 def test_bad_flags(args, message, tmp_path):
     proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *args)

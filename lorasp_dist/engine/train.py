@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from lorasp_dist.config import ConfigError, RunConfig
 from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.profile import StepProfiler
+from lorasp_dist.engine.progress import TrainingProgress
+from lorasp_dist.inputs import check_inputs
 
 OnCheckpoint = Callable[[Path, int, dict], None]
 STOP_FILE = "STOP"
@@ -83,8 +86,14 @@ def _broadcast(obj):
     return box[0]
 
 
+def unique_run_name(cfg: RunConfig) -> str:
+    """`YYYYmmdd-HHMMSS-<model>-<6 hex>`: unique even for runs started in the same second (torchrun or `launch`)."""
+    model = cfg.model.preset or Path(str(cfg.model.path)).name
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
+
+
 def resolve_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.preset or Path(cfg.model.path).name}"
+    name = cfg.train.run_name or unique_run_name(cfg)
     return Path(cfg.train.output_dir) / _broadcast(name)
 
 
@@ -152,17 +161,14 @@ class Prepared(NamedTuple):
 
 def preflight(cfg: RunConfig) -> Prepared:
     """Every check that needs no process group, so bad input fails with one line and exit 2 before any worker
-    starts: the data (file, columns, size against seq_len and micro-batch), the tokenizer, the base checkpoint (a
+    starts: the inputs (lorasp_dist.inputs: paths, columns, tokenizer against vocabulary, seq_len against context),
+    then what only building them tells (the data's size against seq_len and micro-batch), the base checkpoint (a
     synthetic preset is written to its cache here, once), and an explicit resume path. Returns what it built, so the
     rank that ran it does not build it again."""
     from lorasp_dist.data import build_datasets, check_batch_fits, ensure_tokenizer
     from lorasp_dist.model.load import ensure_base
 
-    if cfg.lorasp.resample_every:
-        raise ConfigError(
-            f"lorasp.resample_every = {cfg.lorasp.resample_every}: mask resampling is not supported under the "
-            "DeepSpeed engine yet (ZeRO-3 owns the optimizer partitions); use 0"
-        )
+    check_inputs(cfg)
     if cfg.train.resume not in ("auto", "never"):
         ok, why = ckpt.verify(Path(cfg.train.resume))
         if not ok:
@@ -215,7 +221,7 @@ class Recipe:
         if prepared is None:
             tokenizer = ensure_tokenizer(cfg)
             prepared = Prepared(tokenizer, *build_datasets(cfg, tokenizer), ensure_base(cfg))
-        self.tokenizer, self.train_ds, self.val_ds, base_path = prepared
+        self.tokenizer, self.train_ds, self.val_ds, self.base_path = prepared
 
         self.ds_config = build_ds_config(cfg, self.world)
         if self.is_main:
@@ -227,7 +233,7 @@ class Recipe:
         self.tracker.start()  # the baseline: the process with its libraries and data, before the model exists
         with self.tracker.phase("load"):
             t0 = time.perf_counter()
-            model = load_base(cfg, base_path, self.device, partition=partition, read_weights=self.is_main)
+            model = load_base(cfg, self.base_path, self.device, partition=partition, read_weights=self.is_main)
             self.load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
         if len(self.tokenizer) > vocab:
@@ -258,6 +264,7 @@ class Recipe:
         self._write_partition_record()
         self.step, self.sample_pos = 0, 0
         self._resume()
+        self._drop_metrics_after(self.step)
 
     def _write_partition_record(self):
         """What this rank holds: ZeRO-3 parameter metadata (full size ds_numel vs the local ds_tensor)."""
@@ -310,6 +317,21 @@ class Recipe:
         self.step, self.sample_pos = meta["step"], meta["sample_pos"]
         if self.is_main:
             print(f"[lorasp] resumed from {path} at step {self.step}", flush=True)
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """A restarted run redoes the steps after its checkpoint: the records it wrote for them before go, so that
+        every step is in metrics/rank{r}.jsonl once (a line torn by a kill goes too)."""
+        path = self._metrics_path()
+        self._metrics.close()
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass
+        atomic_write_text(path, "".join(kept))
+        self._metrics = open(path, "a")
 
     def _rank_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": _get_rng()}
@@ -429,26 +451,20 @@ class Recipe:
         if self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step: TensorBoard hides the events a restarted run wrote past its checkpoint, as for the metrics
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=record["step"])
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("step", "rank", "time"):
                 self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, record["step"])
 
     def run(self) -> Path:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         t = self.cfg.train
         stop = StopRequest(self.run_dir, self.device)
-        progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.is_main,
-        )
         metrics: dict = {}
         nonfinite: list[int] = []  # the current run of consecutive steps with a NaN/inf loss or gradient norm
         if self.is_main:
             (self.run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
-        with progress:
-            task = progress.add_task("train", total=t.max_steps, completed=self.step, info="")
+        with TrainingProgress(t.max_steps, self.step, t.log_every, self.device, enabled=self.is_main) as progress:
             while self.step < t.max_steps:
                 self.profiler.tick(self.step)
                 metrics = self.train_step()
@@ -458,11 +474,7 @@ class Recipe:
                         metrics["eval_loss"] = self.evaluate()
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     self.log(metrics)
-                progress.update(
-                    task, completed=self.step,
-                    info=f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s "
-                         f"({metrics['scored_tokens_per_s']:.0f} scored)",
-                )
+                progress.update(self.step, metrics)
                 self.tracker.maybe_record_history(self.step)
                 preempted = stop()
                 save = (t.save_every and self.step % t.save_every == 0) or self.step == t.max_steps or preempted
@@ -520,8 +532,11 @@ class Recipe:
         with self.gathered_lorasp():
             weights = dense_adapter_weights(self.model) if self.is_main else None
         if self.is_main:
-            base = str(self.cfg.model.path) if self.cfg.model.path else None
-            write_peft_adapter(weights, self.cfg.lorasp, self.run_dir / "adapter", base_model=base)
+            # the base trained on (for a preset, its cached synthetic checkpoint) and the tokenizer beside the
+            # adapter: `lorasp eval RUN_DIR` and peft need nothing else
+            base = str(Path(self.base_path).resolve())
+            write_peft_adapter(weights, self.cfg.lorasp, self.run_dir / "adapter", base_model=base,
+                               tokenizer=self.tokenizer)
             summary = {"run_dir": str(self.run_dir), "adapter": str(self.run_dir / "adapter"), "load_s": self.load_s}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.barrier()

@@ -39,14 +39,18 @@ def peft_adapter_config(cfg, base_model_name_or_path: str | None = None) -> dict
     return lc.to_dict()
 
 
-def write_peft_adapter(weights: dict[str, torch.Tensor], cfg, path: str | Path, base_model: str | None = None) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors atomically (temp dir, then rename)."""
+def write_peft_adapter(weights: dict[str, torch.Tensor], cfg, path: str | Path, base_model: str | None = None,
+                       tokenizer=None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (+ the tokenizer's files, given one) atomically (temp
+    dir, then rename)."""
     config = peft_adapter_config(cfg, base_model)
     config["peft_type"] = "LORA"
     config["target_modules"] = sorted(cfg.target_modules)
     with atomic_dir(path, replace=True) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return Path(path)
 
 
