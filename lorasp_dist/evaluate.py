@@ -303,8 +303,6 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
     on it (NF4 4-bit unless the run's model.quantize was off) or dense with `dense`, with the PEFT adapter on top
     unless `adapter` is None. The base defaults to the adapter's base_model_name_or_path. cuda if there is one, else
     CPU."""
-    from peft import PeftModel
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     adapter_dir = resolve_adapter(adapter) if adapter is not None else None
     adapter_config = read_adapter(adapter_dir) if adapter_dir is not None else {}
@@ -317,6 +315,8 @@ def load_for_eval(adapter: str | Path | None, base: str | Path | None, tokenizer
     base = Path(base)
     if not (base / "config.json").is_file():
         raise EvalError(f"--base = '{base}': not a local checkpoint directory (no config.json); pass --base DIR")
+
+    from peft import PeftModel  # after the checks: importing it imports bitsandbytes, which has things to say
 
     run = _run_config(adapter_dir)
     quantized = not dense and (run.model.quantize if run else True)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError, DataConfig, RunConfig
-from lorasp_dist.model.presets import PRESETS
+from lorasp_dist.presets import PRESETS
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
