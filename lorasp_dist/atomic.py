@@ -1,4 +1,5 @@
-"""Output directories that appear whole or not at all (checkpoints, adapters, tokenizers, imported models)."""
+"""Outputs that appear whole or not at all: directories (checkpoints, adapters, tokenizers, imported models) and
+small files whose existence means something (summary.json: the run finished)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,17 @@ def atomic_dir(out: str | Path, replace: bool = False) -> Iterator[Path]:
                 shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `path` as a temp file beside it, flushed to disk, then renamed over it: readers see the old or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

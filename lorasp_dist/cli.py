@@ -43,9 +43,14 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from lorasp_dist.engine.checkpoint import CheckpointWriteError
     from lorasp_dist.engine.train import train
 
-    train(_config(args))
+    try:
+        train(_config(args))
+    except CheckpointWriteError as e:  # not bad input: the run failed (a full disk), its last checkpoint intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

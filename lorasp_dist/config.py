@@ -6,6 +6,7 @@ thing is validated. Every error is a `ConfigError` whose message names the field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from lorasp_dist.model.presets import PRESETS
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component: never '..', '/', or a hidden name
 
 
 class ConfigError(ValueError):
@@ -96,8 +98,18 @@ class TrainConfig(_Section):
     save_every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"  # auto | never | a checkpoint directory
+    # auto, and every checkpoint of the run is corrupt: stop (exit 2), or with true move them to checkpoints/corrupt/
+    # and start over from step 0
+    restart_if_corrupt: bool = False
     output_dir: Path = Path("runs")
-    run_name: str | None = None  # None: a unique name from the time
+    run_name: str | None = None  # None: a unique name from the time; else one directory name inside output_dir
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_directory_name(cls, v):
+        if v is not None and not RUN_NAME.fullmatch(v):
+            raise ValueError("must be one directory name: letters, digits, '.', '_' and '-', not starting with '.'")
+        return v
 
 
 class DeepSpeedConfig(_Section):
