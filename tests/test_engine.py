@@ -84,6 +84,33 @@ def digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def kill_with_ranks(agent: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks at once, like a crashed node. Each rank runs in a session of its own (torchrun
+    starts them so), out of reach of a signal to torchrun's process group: they are found by their parent."""
+    ranks = [int(p.name) for p in Path("/proc").iterdir()
+             if p.name.isdigit() and _parent(p) == agent.pid]
+    for pid in (agent.pid, *ranks):
+        os.kill(pid, signal.SIGKILL)
+    agent.wait()
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _parent(proc: Path) -> int | None:
+    try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
     """An uninterrupted 20-step run, and the same run killed after its step-10 checkpoint and resumed. The killed
@@ -94,14 +121,12 @@ def resume_runs(tmp_path_factory):
     whole = train(out, "whole", *common)
 
     cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=killed", *common)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sealed = ckpt.step_dir(out / "killed", 10) / ckpt.MANIFEST
     deadline = time.time() + 600
     while not sealed.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_with_ranks(proc)
     assert sealed.exists(), "the run never wrote its step-10 checkpoint"
     killed_at = max(metrics(out / "killed"))
     refused = _train_single("train.run_name=killed", *common, cwd=out)
