@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -78,8 +79,9 @@ def _broadcast(obj):
 
 
 def new_run_name(cfg: RunConfig) -> str:
+    """Unique, like `lorasp launch`'s: two runs started in the same second never meet in one directory."""
     model = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.model.preset or Path(cfg.model.path).name)
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{model}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
