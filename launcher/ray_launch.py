@@ -8,6 +8,9 @@ restarts and storage.
 The run directory is one directory for both: Ray Train's `storage_path/name` is the engine's
 `train.output_dir/train.run_name`. Names are unique unless `train.run_name` is set; an existing run directory is only
 ever continued on purpose, with `--resume RUN_DIR`. For a multi-node cluster the storage path must be shared.
+This driver holds the run directory's lock (engine/run_dir.py) from before the first worker starts to the end, across
+restarts of the worker group. The engine alone keeps and prunes checkpoints: none is handed to Ray Train, whose
+bookkeeping would count a step saved again after a resume twice and delete the rewritten one.
 
 Stopping (SLURM preemption or walltime, an operator, Ctrl-C): SIGUSR1, SIGTERM or SIGINT to this process touches
 `RUN_DIR/STOP`; a second Ctrl-C aborts at once.
@@ -26,13 +29,16 @@ import json
 import os
 import sys
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.local_ray import isolate_local_instance
 from launcher.signals import StopRelay
+from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.run_dir import RunLock, is_run
 from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE, unique_run_name
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
@@ -60,16 +66,21 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
         run_dir = resume.expanduser().resolve()
         if not run_dir.is_dir():
             raise ConfigError(f"--resume '{resume}': no such run directory")
+        if not is_run(run_dir):
+            raise ConfigError(f"--resume '{resume}': not a run directory (no config.yaml or checkpoints/ in it); "
+                              "give the directory a `lorasp launch` made")
         storage, name = run_dir.parent, run_dir.name
-        _check_world_size(run_dir, cfg.launcher.num_workers)
+        found = ckpt.resume_point(run_dir, cfg.train.restart_if_corrupt)
+        start = found.newest.name if found.newest else "step 0"
+        for path, why in found.corrupt:
+            print(f"[lorasp] {path.name} is corrupt ({why}): the run continues from {start} and moves it to "
+                  f"checkpoints/{ckpt.CORRUPT}/", file=sys.stderr)
+        _check_world_size(found, cfg.launcher.num_workers)
     else:
         storage = Path(cfg.launcher.storage_path or cfg.train.output_dir).expanduser().resolve()
         name = cfg.train.run_name or unique_run_name(cfg)
         if (storage / name).exists():
-            raise ConfigError(
-                f"train.run_name = '{name}': {storage / name} exists; continue it with --resume {storage / name}, "
-                "or choose another name (leave train.run_name unset for a unique one)"
-            )
+            raise ConfigError(_taken(storage / name))
     data = cfg.model_dump(mode="json")
     # Ray Train starts workers in its own working directory: every relative path is the driver's, made absolute.
     for section, key in (("model", "path"), ("data", "path"), ("data", "tokenizer")):
@@ -83,13 +94,17 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
     return LaunchPlan(validate(data), storage, name, address)
 
 
-def _check_world_size(run_dir: Path, workers: int) -> None:
+def _taken(run_dir: Path) -> str:
+    return (f"train.run_name = '{run_dir.name}': {run_dir} exists; continue it with --resume {run_dir}, or choose "
+            "another name (leave train.run_name unset for a unique one)")
+
+
+def _check_world_size(found: ckpt.Found, workers: int) -> None:
     """ZeRO-3 optimizer partitions only load into the world size that wrote them: say so now, not after restarts."""
-    found = ckpt.list_checkpoints(run_dir)
-    written_by = ckpt.read_manifest(found[0]).get("world_size") if found else workers
+    written_by = found.manifest["world_size"] if found.manifest else workers
     if written_by != workers:
         raise ConfigError(
-            f"launcher.num_workers = {workers}: {found[0]} was written by {written_by} ranks; ZeRO-3 optimizer "
+            f"launcher.num_workers = {workers}: {found.newest} was written by {written_by} ranks; ZeRO-3 optimizer "
             f"partitions need the same world size: use --num-workers {written_by}"
         )
 
@@ -152,7 +167,12 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
     from launcher.cluster import check_resources, check_shared_storage, connect, gpu_memory
     from lorasp_dist.engine.train import preflight
 
-    with StopRelay() as stop:  # a stop request while we start up is kept, and delivered once the run directory exists
+    # The run directory's lock, held to the end: a run continued with --resume is locked before anything else, so a
+    # second launch on it stops at once; a new one is created (exclusively) and locked once every check has passed, so
+    # a launch refused for bad input leaves nothing behind.
+    with ExitStack() as held, StopRelay() as stop:  # a stop request while we start up is delivered once we run
+        if resume is not None:
+            held.enter_context(RunLock(plan.run_dir))
         connect(plan.cfg)
         stop.install()
         try:
@@ -161,14 +181,26 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
                 check_memory(plan.cfg, gpu_memory(plan.cfg))  # against the GPUs' size, read on the cluster
             check_shared_storage(plan.storage)
             preflight(plan.cfg)  # data, tokenizer, base: bad input ends here, not in max_failures restarts of the group
+            if resume is None:
+                _create(plan)
+                held.enter_context(RunLock(plan.run_dir))
             return _run(plan, command, stop)
         finally:
             ray.shutdown()
 
 
+def _create(plan: LaunchPlan) -> None:
+    """A new run directory, ours alone (two launches of one name: the second stops here), a run's from the start."""
+    try:
+        plan.run_dir.mkdir(parents=True)
+    except FileExistsError:
+        raise ConfigError(_taken(plan.run_dir)) from None
+    atomic_write_text(plan.run_dir / "config.yaml", plan.cfg.to_yaml())
+
+
 def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from launcher.cluster import worker_resources
@@ -180,8 +212,10 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     # Ray Train would turn each print on a worker into a log record that reaches the console twice; the rank logs
     # (launcher/logs.py) already collect and tag every line. Ray propagates this variable to the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run at its first step
+    # Ray Train's checkpoint list, left by lorasp versions that reported checkpoints to Ray: Ray refuses to start when
+    # a listed directory is gone (set aside, pruned) or the list was written by another Ray version.
+    (run_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
     summary = run_dir / "summary.json"  # written by the engine when it finishes, never when it stops
     summary.unlink(missing_ok=True)  # (an mtime test would trust the clocks of other nodes)
     nonfinite = run_dir / NONFINITE_FILE  # written by the engine when it stops on NaN/inf
@@ -198,9 +232,8 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
             name=plan.name,
             storage_path=str(plan.storage),
             failure_config=FailureConfig(max_failures=lc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            # Ray Train's INFO lines (a repr of every report, from every rank) would bury the ranks' own progress
-            # lines; its warnings and errors still reach the console, and all of it its log files in the session dir.
+            # Ray Train's INFO lines would bury the ranks' own progress lines; its warnings and errors still reach
+            # the console, and all of it its log files in the session dir.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -221,8 +254,7 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
         if nonfinite.is_file():  # the ranks returned on purpose: not a failure for Ray to retry
             print(f"[lorasp] {json.loads(nonfinite.read_text())['message']}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE
-        newest = ckpt.list_checkpoints(run_dir)
-        step = ckpt.read_manifest(newest[0])["step"] if newest else 0
+        step = ckpt.newest_valid(run_dir).step or 0
         why = f" ({stop.signal_name})" if stop.signal_name else ""
         print(f"[lorasp] stopped at step {step}{why}; resume with: {command} --resume {run_dir}", flush=True)
         return EXIT_STOPPED

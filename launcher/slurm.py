@@ -294,7 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("run dir: unknown (not submitted by `lorasp slurm submit`)")
         return 0
     found = ckpt.list_checkpoints(run_dir) if run_dir.is_dir() else []
-    step = ckpt.read_manifest(found[0])["step"] if found else None
+    step = ckpt.newest_valid(run_dir).step if found else None
     done = (run_dir / "summary.json").is_file()
     state = "finished" if done else (f"newest checkpoint at step {step}" if found else "no checkpoint yet")
     print(f"run dir: {run_dir} ({state if run_dir.is_dir() else 'not created yet'})")

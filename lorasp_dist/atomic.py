@@ -1,4 +1,5 @@
-"""Output directories that appear whole or not at all (checkpoints, adapters, tokenizers, imported models)."""
+"""Outputs that appear whole or not at all: directories (checkpoints, adapters, tokenizers, imported models) and
+small files whose existence means something (summary.json: the run finished)."""
 
 from __future__ import annotations
 
@@ -40,14 +41,15 @@ def atomic_dir(out: str | Path, replace: bool = False) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temp file beside it and one rename: a reader sees the old file or the new."""
+    """Write `text` to `path` through a temp file beside it, flushed to disk, and one rename: a reader sees the old
+    file or the new."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -53,6 +53,7 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from lorasp_dist.engine.checkpoint import CheckpointWriteError
     from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, StopRequest, train
 
     try:
@@ -60,6 +61,9 @@ def cmd_train(args) -> int:
     except NonFiniteLoss as e:  # a deliberate stop, not a crash: its own exit code, one line
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except CheckpointWriteError as e:  # not bad input: the run failed (a full disk), its last checkpoint intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if not StopRequest.honoured:
         return 0
     if os.environ.get("RANK", "0") == "0":

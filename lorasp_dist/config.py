@@ -32,6 +32,7 @@ DS_CONFIGS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all")
 SECRET_WORD_ENDINGS = ("TOKEN", "SECRET", "KEY", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "AUTH")
 REDACTED = "<redacted>"
 MAX_LR = 3.4e37  # AdamW's first step is lr / (1 - beta1) = 10 x lr, and must fit in a float32 (3.4e38)
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one path component: never '..', '/', or a hidden name
 
 
 class ConfigError(ValueError):
@@ -128,8 +129,18 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, gt=0)
     resume: str = "auto"  # auto | never | a checkpoint directory
     max_nonfinite_steps: int = Field(3, gt=0)  # consecutive steps with a NaN/inf loss or grad norm before the run stops
+    # auto, and every checkpoint of the run is corrupt: stop (exit 2), or with true move them to checkpoints/corrupt/
+    # and start over from step 0
+    restart_if_corrupt: bool = False
     output_dir: Path = Path("runs")
-    run_name: str | None = None  # None: a unique name from the time
+    run_name: str | None = None  # None: a unique name from the time; else one directory name inside output_dir
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_directory_name(cls, v):
+        if v is not None and not RUN_NAME.fullmatch(v):
+            raise ValueError("must be one directory name: letters, digits, '.', '_' and '-', not starting with '.'")
+        return v
 
     @field_validator("lr")
     @classmethod

@@ -58,6 +58,10 @@ BAD = [
     ("data.seq_len=0", "data.seq_len = 0"),
     ("deepspeed.config=zero2", "deepspeed.config = 'zero2'"),
     ("lorasp.ratio", "expected KEY=VALUE"),
+    ("train.run_name=../../x", "train.run_name = '../../x': must be one directory name: letters, digits"),
+    ("train.run_name=/tmp/x", "train.run_name = '/tmp/x': must be one directory name"),
+    ("train.run_name=.hidden", "train.run_name = '.hidden': must be one directory name"),
+    ("train.run_name=a/b", "train.run_name = 'a/b': must be one directory name"),
 ]
 
 
@@ -126,3 +130,16 @@ def test_run_names_are_unique_under_any_launcher():
     cfg = load_config(REPO / "examples" / "tiny.yaml")
     names = {unique_run_name(cfg) for _ in range(3)}  # the same second
     assert len(names) == 3 and all(re.fullmatch(r"\d{8}-\d{6}-tiny-[0-9a-f]{6}", n) for n in names)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/lorasp-escaped-run"])
+def test_run_name_never_leaves_output_dir(tmp_path, name):
+    """A run name is one directory inside train.output_dir: `..` and absolute names are refused before any write."""
+    out = tmp_path / "a" / "runs"
+    for command in ("train", "launch"):
+        proc = run_cli(command, str(REPO / "examples" / "tiny.yaml"), f"train.output_dir={out}",
+                       f"train.run_name={name}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [f"error: train.run_name = '{name}': must be one directory name: "
+                                                    "letters, digits, '.', '_' and '-', not starting with '.'"]
+    assert not any(tmp_path.rglob("*")) and not Path("/tmp/lorasp-escaped-run").exists()

@@ -3,20 +3,26 @@ quant storage, gradient checkpointing, the shipped corpus. Plus checkpoint integ
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from faults import record
 from safetensors.torch import load_file
 
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.run_dir import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -76,17 +82,55 @@ def test_zero3_4bit_trains_and_partitions(tmp_path, ds_config, extra):
             assert "host self-CPU time" in table and "aten::" in table
 
 
+def steps_redone(run_dir: Path) -> int:
+    """Steps trained twice, counted from rank 0's metrics file (every step of every start appends one record)."""
+    lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
+    return sum(n - 1 for n in Counter(json.loads(line)["step"] for line in lines).values())
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def kill_with_ranks(agent: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks at once, like a crashed node. Each rank runs in a session of its own (torchrun
+    starts them so), out of reach of a signal to torchrun's process group: they are found by their parent."""
+    ranks = [int(p.name) for p in Path("/proc").iterdir()
+             if p.name.isdigit() and _parent(p) == agent.pid]
+    for pid in (agent.pid, *ranks):
+        os.kill(pid, signal.SIGKILL)
+    agent.wait()
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _parent(proc: Path) -> int | None:
+    try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
-    """An uninterrupted 20-step run, and the same run killed after its step-10 checkpoint and resumed."""
+    """An uninterrupted 20-step run, and the same run killed after its step-10 checkpoint and resumed. The killed
+    run's lock is left behind: a restart is first refused with a message that says so, then the lock is removed."""
     out = tmp_path_factory.mktemp("resume")
     common = ("train.precision=fp32", "train.max_steps=20", "train.save_every=10", "train.eval_every=0",
               "train.keep_last=5")
     whole = train(out, "whole", *common)
 
     cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=killed", *common)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sealed = ckpt.step_dir(out / "killed", 10) / ckpt.MANIFEST
     logged = out / "killed" / "metrics" / "rank0.jsonl"
 
@@ -96,23 +140,28 @@ def resume_runs(tmp_path_factory):
     deadline = time.time() + 600
     while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    # torchrun starts every worker in a session of its own: kill the whole tree, or the workers finish the run
-    tree = psutil.Process(proc.pid)
-    for victim in [*tree.children(recursive=True), tree]:
-        try:
-            victim.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
+    kill_with_ranks(proc)
     assert sealed.exists(), "the run never wrote its step-10 checkpoint"
     killed_at = max(metrics(out / "killed"))
     assert killed_at > 10
+    refused = _train_single("train.run_name=killed", *common, cwd=out)
+    (out / "killed" / LOCK_FILE).unlink()
     resumed = train(out, "killed", *common)
-    return whole, resumed, killed_at
+    return whole, resumed, killed_at, refused
+
+
+def test_a_killed_run_leaves_a_stale_lock_that_is_named(resume_runs):
+    _, resumed, _, refused = resume_runs
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert err[-1].startswith("error: train.run_name = 'killed': ") and "has a stale lock: pid " in err[-1], err[-1]
+    assert f"is no longer running (that run was killed). If no other run uses {resumed}, remove " in err[-1]
+    assert "Traceback" not in refused.stderr
+    assert not (resumed / LOCK_FILE).exists()  # the resumed run released its own
 
 
 def test_kill_and_resume_matches_uninterrupted(resume_runs):
-    whole, resumed, killed_at = resume_runs
+    whole, resumed, killed_at, _ = resume_runs
     print(f"killed after step {killed_at}; resumed from step 10")
     a = load_file(ckpt.step_dir(whole, 20) / "lorasp.safetensors")
     b = load_file(ckpt.step_dir(resumed, 20) / "lorasp.safetensors")
@@ -146,31 +195,126 @@ def _corrupt(kind: str, step_dir: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["flip", "truncate", "manifest"])
 def test_corrupted_checkpoint_is_never_loaded(resume_runs, tmp_path, kind):
-    whole, _, _ = resume_runs
+    whole = resume_runs[0]
     run = tmp_path / "run"
     shutil.copytree(whole, run)
     newest = ckpt.step_dir(run, 20)
     _corrupt(kind, newest)
     ok, why = ckpt.verify(newest)
     assert not ok, why
-    with pytest.warns(UserWarning, match="skipping corrupted checkpoint"):
-        assert ckpt.newest_valid(run) == ckpt.step_dir(run, 10)
+    found = ckpt.newest_valid(run)
+    assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, 10), 10, [(newest, why)])
 
 
-def test_resume_skips_corrupted_newest(resume_runs, tmp_path):
-    whole, _, _ = resume_runs
-    shutil.copytree(whole, tmp_path / "run")
-    _corrupt("flip", ckpt.step_dir(tmp_path / "run", 20))
+def _truncate_manifest(step_dir: Path) -> None:
+    manifest = step_dir / ckpt.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])  # a save cut short: the manifest is no longer JSON
+
+
+def test_resume_past_a_broken_manifest(resume_runs, tmp_path):
+    """The newest checkpoint's manifest is truncated and a failed save left a temp dir: resuming continues from the
+    older one, sets the broken one aside (kept, not deleted), keeps `keep_last` checkpoints and removes the orphan."""
+    whole = resume_runs[0]
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    broken = ckpt.step_dir(run, 20)
+    _truncate_manifest(broken)
+    before = digest(broken)
+    orphan = ckpt.tmp_dir(run, 15)
+    orphan.mkdir()
+    (orphan / "rank0.safetensors").write_bytes(b"half a save")
     cmd = torchrun(str(TINY), f"train.output_dir={tmp_path}", "train.run_name=run", "train.precision=fp32",
-                   "train.max_steps=20", "train.save_every=10", "train.eval_every=0", "train.keep_last=5")
+                   "train.max_steps=20", "train.save_every=10", "train.eval_every=0", "train.keep_last=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout and "step-000010" in proc.stdout
-    assert "skipping corrupted checkpoint" in proc.stderr
+    set_aside = run / "checkpoints" / ckpt.CORRUPT / "step-000020"
+    assert "step-000020 is corrupt (unreadable manifest (" in proc.stdout and f"moved to {set_aside}" in proc.stdout
+    assert f"resumed from {ckpt.step_dir(run, 10)} at step 10" in proc.stdout
+    assert digest(set_aside) == before  # kept as it was, for a post-mortem
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt.CORRUPT, "step-000010", "step-000020"]
+    assert all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (10, 20))
     # the rerun from step 10 rewrote step 20, bit for bit the same as the uninterrupted run
     a = load_file(ckpt.step_dir(whole, 20) / "lorasp.safetensors")
-    b = load_file(ckpt.step_dir(tmp_path / "run", 20) / "lorasp.safetensors")
+    b = load_file(ckpt.step_dir(run, 20) / "lorasp.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["adapter"] == str(run / "adapter") and not (run / LOCK_FILE).exists()
+    assert not list(run.glob(".summary.json.tmp-*"))
+    redone = steps_redone(run)
+    record("broken manifest", entry="lorasp train (torchrun, 2 ranks)", exit_code=proc.returncode,
+           steps_lost=redone, data_lost=not ckpt.verify(ckpt.step_dir(run, 10))[0] or not set_aside.is_dir(),
+           outcome=f"newest manifest truncated: resumed from the step-10 checkpoint, the broken one moved to "
+                   f"checkpoints/corrupt/, {redone} steps redone, keep_last honoured")
+
+
+def test_all_checkpoints_corrupt_stops_unless_told_to_start_over(resume_runs, tmp_path):
+    whole = resume_runs[0]
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    shutil.copytree(whole.parent / ".cache", tmp_path / ".cache")  # the tokenizer and base, not built again
+    reached = max(metrics(run))
+    _corrupt("flip", ckpt.step_dir(run, 10))
+    _truncate_manifest(ckpt.step_dir(run, 20))
+    before = digest(run / "checkpoints")
+    proc = _train_single("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert err[-1].startswith(f"error: train.resume = 'auto': every checkpoint in {run / 'checkpoints'} is corrupt (")
+    assert "step-000020: unreadable manifest" in err[-1]
+    assert "step-000010: rank1.safetensors fails its sha256 checksum" in err[-1]
+    assert "set train.restart_if_corrupt=true" in err[-1] and "Traceback" not in proc.stderr
+    assert digest(run / "checkpoints") == before  # nothing moved, nothing deleted
+
+    again = _train_single("train.run_name=run", "train.max_steps=2", "train.restart_if_corrupt=true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    aside = run / "checkpoints" / ckpt.CORRUPT
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000010", "step-000020"]
+    kept = digest(aside) == {k.removeprefix(f"{ckpt.CORRUPT}/"): v for k, v in before.items()}
+    assert kept  # moved aside byte for byte
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002"]
+    record("all checkpoints corrupt", entry="lorasp train", exit_code=proc.returncode,
+           steps_lost=reached,  # no valid checkpoint: everything since step 0
+           data_lost=not kept,
+           outcome="exit 2 naming every corrupt checkpoint, nothing changed; with train.restart_if_corrupt=true "
+                   "they move to checkpoints/corrupt/ and the run starts over from step 0")
+
+
+def _can_mount_tmpfs() -> bool:
+    """A full disk for real: a small tmpfs in a private mount namespace (needs root and unshare)."""
+    probe = tempfile.mkdtemp(prefix="lorasp-probe-")
+    try:
+        cmd = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"]
+        return shutil.which("unshare") is not None and subprocess.run(cmd, capture_output=True).returncode == 0
+    finally:
+        os.rmdir(probe)
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + mount (root) for a small tmpfs")
+def test_full_disk_during_a_checkpoint(tmp_path):
+    """The run directory is a 1.5 MiB tmpfs: the step-2 checkpoint (about 1 MiB for one rank) fits, step 4's does
+    not. One line, exit 1, the step-2 checkpoint intact, nothing half-written left behind."""
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    run = out / "full"
+    run.mkdir(parents=True)  # the mount point: an empty directory is a new run's
+    train_cmd = [sys.executable, "-m", "lorasp_dist", "train", str(TINY), f"train.output_dir={out}",
+                 "train.run_name=full", "train.max_steps=4", "train.save_every=2", "train.eval_every=0"]
+    script = (f"mount -t tmpfs -o size=1536k tmpfs {run} && {subprocess.list2cmdline(train_cmd)}; rc=$?; "
+              f"cp -a {run} {copy}; exit $rc")  # the tmpfs lives only in this namespace: keep what the run left
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert err[-1].startswith("error: checkpoint step-000004 could not be written ("), err[-1]
+    assert f"{ckpt.tmp_dir(run, 4)}/rank0.safetensors: " in err[-1] and "No space left on device" in err[-1]
+    assert "the run stopped at step 4, step-000002 is intact: free space, then continue" in err[-1]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step-000002"]  # no .tmp-step-000004
+    intact = ckpt.verify(ckpt.step_dir(copy, 2))[0]
+    assert intact and not (copy / "summary.json").exists() and not (copy / LOCK_FILE).exists()
+    reached = max(metrics(copy))
+    record("disk full", entry="lorasp train", exit_code=proc.returncode,
+           steps_lost=reached - ckpt.read_manifest(ckpt.step_dir(copy, 2))["step"], data_lost=not intact,
+           outcome="ENOSPC while saving: one line, exit 1, the partial save removed, the previous checkpoint intact")
 
 
 def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:

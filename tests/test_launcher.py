@@ -7,6 +7,7 @@ PID), so other Ray sessions on the machine are never touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,16 +17,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from faults import record
 from ports import free_ports
 from safetensors.torch import load_file
 
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.run_dir import LOCK_FILE, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -76,10 +80,23 @@ def adapter_gap(a: Path, b: Path) -> float:
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
-def registered(run_dir: Path, step: int) -> bool:
-    """Ray Train has registered this step's checkpoint (so a restarted group resumes from it)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    return snapshot.is_file() and f"checkpoints/step-{step:06d}" in snapshot.read_text()
+def steps_redone(run_dir: Path) -> int:
+    return sum(n - 1 for n in Counter(steps_logged(run_dir)).values())
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def ray_pids(root: str) -> list[int]:
@@ -186,14 +203,34 @@ def cluster() -> Iterator[tuple[RayHead, dict]]:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """15 fp32 steps through `--address` to the second cluster, never interrupted."""
+def reference(cluster, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict]:
+    """15 fp32 steps through `--address` to the second cluster, never interrupted, although two other runs try its
+    run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name."""
     head, env = cluster
-    out = tmp_path_factory.mktemp("reference")
-    proc = launch(env, f"train.output_dir={out}", "train.run_name=whole", *EXACT, "--address", head.address)
-    print(f"reference run took {proc.elapsed:.0f} s")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out / "whole", proc
+    out, logs = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("reference-output")
+    run = out / "whole"
+    args = (f"train.output_dir={out}", "train.run_name=whole", *EXACT, "--address", head.address)
+    t0 = time.time()
+    with open(logs / "stdout", "w+") as stdout, open(logs / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(launch_cmd(*args), env=env, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
+        try:
+            # the lock is taken before the workers start: the rivals come while this run loads and trains
+            wait_for((run / LOCK_FILE).is_file, "the run's lock", proc)
+            rivals = {
+                "launch": launch(env, *args, "--resume", str(run), timeout=120),
+                "train": subprocess.run([sys.executable, "-m", "lorasp_dist", "train", str(TINY), *args[:-2]], env=env,
+                                        cwd=REPO, capture_output=True, text=True, timeout=300),
+            }
+            assert proc.poll() is None, "the run ended before its rivals came: the test proves nothing"
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        stdout.seek(0), stderr.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
+    print(f"reference run took {time.time() - t0:.0f} s")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return run, done, rivals
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +265,10 @@ def test_launch_tiny_on_local_ray(ray_env, tmp_path):
         assert log and all(line.startswith(f"[rank {rank}] ") for line in log)
         assert any("[lorasp] rank" in line for line in log)
     assert "[lorasp] run dir" in (run / "logs" / "driver.log").read_text()
-    # Ray Train owns retention: CheckpointConfig(num_to_keep=train.keep_last=2) of the steps 10 and 20 it registered
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
+    # the engine owns retention (train.keep_last=2); Ray Train holds no checkpoint of its own, and the lock is released
+    assert checkpoint_names(run) == ["step-000010", "step-000020"]
+    assert not (run / "checkpoint_manager_snapshot.json").exists() and not (run / LOCK_FILE).exists()
+    assert json.loads((run / "summary.json").read_text())["adapter"] == str(run / "adapter")
 
     # Progress while it trains: a line every train.log_every (1) steps in rank 0's log and on the console, none from
     # rank 1; and none of Ray's noise (a state-API warning a second without ray[default], a repr of every report).
@@ -259,7 +298,7 @@ def test_launch_tiny_on_local_ray(ray_env, tmp_path):
 
 @pytest.mark.slow
 def test_address_joins_an_existing_cluster(reference):
-    run, proc = reference
+    run, proc, _ = reference
     out = proc.stdout + proc.stderr
     assert "Connected to Ray cluster" in out and "Started a local Ray instance" not in out
     assert "PlacementGroupCleaner" not in out and "TrainingReport(" not in out
@@ -290,20 +329,80 @@ def test_killed_rank_is_restarted_from_its_checkpoint(uninterrupted, ray_env, tm
 
     assert int((run / "pids" / "rank1").read_text()) != victim  # Ray Train started a new group
     resumed = (run / "logs" / "rank0.log").read_text()
-    assert "resume: auto (newest sealed: step-0000" in resumed and "[lorasp] resumed from" in resumed
+    assert "resume: auto" in resumed and "[lorasp] resumed from" in resumed
     resumed_at = int(re.search(r"\[lorasp\] resumed from \S+ at step (\d+)", resumed)[1])
     redone = killed_after - resumed_at
     print(f"steps redone after the restart: {redone}")
     assert redone <= 5  # at most one checkpoint interval (train.save_every)
     for rank in (0, 1):  # the records of the steps redone were dropped on resuming: every step once
         assert steps_logged(run, rank) == list(range(1, 16))
-    assert all(registered(run, step) for step in (5, 10, 15))  # Ray registered (and so will prune) every one
+    assert checkpoint_names(run) == ["step-000005", "step-000010", "step-000015"]  # keep_last=5, kept by the engine
     gap = adapter_gap(run, uninterrupted)
     print(f"max |killed - uninterrupted| over the adapter: {gap:.3g}")
     assert gap <= 1e-5
     reference = losses(uninterrupted)
     for step, loss in losses(run).items():
         assert loss == pytest.approx(reference[step], abs=1e-5), step
+    record("rank kill", entry="lorasp launch", exit_code=proc.returncode, steps_lost=redone,
+           data_lost=gap > 1e-5 or not all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (5, 10, 15)),
+           outcome=f"SIGKILL to rank 1 after step {killed_after}: Ray Train restarted the group from the newest "
+                   "checkpoint; the adapter matches an uninterrupted run")
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_run_directory_is_refused(reference):
+    """While a run holds its directory, another `lorasp launch --resume` or `lorasp train` of it stops at once."""
+    run, _, rivals = reference
+    for command, proc in rivals.items():
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+        assert err[-1].startswith(f"error: train.run_name = 'whole': {run} is in use by pid "), (command, err[-1:])
+        assert "Traceback" not in proc.stderr
+    # the run itself saw nothing of them: every step once per rank, its checkpoints whole
+    intact = all(steps_logged(run, rank) == list(range(1, 16)) for rank in (0, 1))
+    intact &= all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (5, 10, 15))
+    assert intact
+    record("concurrent launch", entry="lorasp launch --resume / lorasp train", exit_code=rivals["launch"].returncode,
+           steps_lost=steps_redone(run), data_lost=not intact,
+           outcome="a second run on a live run directory: one line naming the holder (host, pid), exit 2, "
+                   "the running run untouched")
+
+
+@pytest.mark.slow
+def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, cluster, tmp_path):
+    """Corrupt the newest checkpoint of a finished run, resume it with keep_last 2: it continues from the older one,
+    moves the corrupt one to checkpoints/corrupt/ and ends with two checkpoints, the one it resumed from and the new
+    one. With every checkpoint corrupt, it stops with one line and changes nothing."""
+    head, env = cluster
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    flip_a_byte(ckpt.step_dir(run, 15) / "rank1.safetensors")
+    before = digest(ckpt.step_dir(run, 15))
+    proc = launch(env, *EXACT, "train.keep_last=2", "--address", head.address, "--resume", str(run))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert ("step-000015 is corrupt (rank1.safetensors fails its sha256 checksum): the run continues from "
+            "step-000010") in proc.stderr
+    assert checkpoint_names(run) == [ckpt.CORRUPT, "step-000010", "step-000015"]
+    assert digest(run / "checkpoints" / ckpt.CORRUPT / "step-000015") == before  # kept, as it was
+    gap = adapter_gap(run, uninterrupted)
+    redone = steps_redone(run)
+    print(f"resumed past a corrupt step 15: {redone} steps redone, max |resumed - uninterrupted| {gap:.3g}")
+    assert redone == 5 and gap <= 1e-5
+    intact = all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (10, 15))
+    record("corrupt newest checkpoint", entry="lorasp launch --resume", exit_code=proc.returncode, steps_lost=redone,
+           data_lost=not intact or gap > 1e-5,
+           outcome="resumed from the previous checkpoint, the corrupt one moved to checkpoints/corrupt/, "
+                   "keep_last honoured")
+
+    flip_a_byte(ckpt.step_dir(run, 10) / "rank0.safetensors")
+    flip_a_byte(ckpt.step_dir(run, 15) / "lorasp.safetensors")
+    before = digest(run)
+    for dry in ((), ("--dry-run",)):
+        proc = launch(env, *EXACT, "--address", head.address, "--resume", str(run), *dry, timeout=120)
+        _assert_usage_error(proc, f"train.resume = 'auto': every checkpoint in {run / 'checkpoints'} is corrupt "
+                                  "(step-000015: lorasp.safetensors fails its sha256 checksum; step-000010: ")
+        assert "set train.restart_if_corrupt=true" in proc.stderr
+    assert digest(run) == before
 
 
 @pytest.mark.slow
@@ -501,6 +600,50 @@ def test_existing_run_dir_needs_resume(ray_env, tmp_path):
     _assert_usage_error(proc, f"continue it with --resume {tmp_path / 'taken'}")
     proc = launch(ray_env, f"train.output_dir={tmp_path}", "--resume", str(tmp_path / "gone"), timeout=120)
     _assert_usage_error(proc, "--resume")
+
+
+def test_resume_needs_a_run_directory_that_is_free(ray_env, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("not a run\n")
+    proc = launch(ray_env, "--resume", str(notes), timeout=120)
+    _assert_usage_error(proc, f"--resume '{notes}': not a run directory (no config.yaml or checkpoints/ in it)")
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("notes"), Path("notes/todo.txt")]
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "config.yaml").write_text("{}\n")
+    with RunLock(busy):  # a live run (this process) holds it
+        proc = launch(ray_env, "--resume", str(busy), timeout=120)
+    _assert_usage_error(proc, f"error: train.run_name = 'busy': {busy} is in use by pid {os.getpid()} on ")
+    assert sorted(p.name for p in busy.iterdir()) == ["config.yaml"]
+
+
+def _seal(run_dir: Path, step: int, world_size: int = 2) -> None:
+    """A real (tiny) checkpoint through the engine's own writer: what --resume reads before any worker starts."""
+    tmp = ckpt.tmp_dir(run_dir, step)
+    tmp.mkdir(parents=True)
+    for name in ("lorasp", *(f"rank{r}" for r in range(world_size))):
+        ckpt.save_state_file(tmp / f"{name}.safetensors", {"state": torch.full((4,), float(step))})
+    ckpt.seal(tmp, ckpt.step_dir(run_dir, step), {"step": step, "sample_pos": 0, "world_size": world_size})
+
+
+def test_dry_run_resumes_past_a_broken_manifest(ray_env, tmp_path):
+    """The newest manifest is truncated (a requeued SLURM job reads the same): the launcher falls back to step 10."""
+    run = tmp_path / "run"
+    for step in (10, 20):
+        _seal(run, step)
+    manifest = ckpt.step_dir(run, 20) / ckpt.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    before = digest(run)
+    proc = launch(ray_env, "--resume", str(run), "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-000020 is corrupt (unreadable manifest (" in proc.stderr
+    assert "the run continues from step-000010" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"run dir:  {run}" in proc.stdout
+    proc = launch(ray_env, "--resume", str(run), "--num-workers", "4", "--dry-run", timeout=120)
+    _assert_usage_error(proc, f"launcher.num_workers = 4: {ckpt.step_dir(run, 10)} was written by 2 ranks")
+    assert digest(run) == before  # a dry run moves nothing
 
 
 @pytest.mark.slow

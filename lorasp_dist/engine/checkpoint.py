@@ -8,6 +8,9 @@ Layout of `RUN_DIR/checkpoints/step-000010/`:
 Every rank writes into `.tmp-step-000010/`; rank 0 then writes the manifest and renames the directory, so a
 reader sees a whole checkpoint or none. Non-tensor state (optimizer hyper-parameters, the step) is JSON in the
 safetensors metadata. No pickle anywhere.
+
+The engine alone decides what is kept (`prune`: the newest `train.keep_last`, plus orphans of failed saves removed).
+A checkpoint that fails its checksums is never deleted: resuming past it moves it to `checkpoints/corrupt/`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lorasp_dist.config import ConfigError
+
 MANIFEST = "manifest.json"
+CORRUPT = "corrupt"  # checkpoints/corrupt/: checkpoints that failed their checksums, kept for a post-mortem
 _KEEP = "__keep_current__"  # a non-tensor, non-JSON object (e.g. DeepSpeed's LossScaler): keep the live one on load
 
 
@@ -71,10 +76,17 @@ def unflatten_state(skel: Any, tensors: dict[str, torch.Tensor], live: Any = Non
     return skel
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): the run stops, its previous checkpoint intact."""
+
+
 def save_state_file(path: Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skel = flatten_state(state, "", tensors)
-    save_file(tensors, str(path), metadata={"skeleton": json.dumps(skel)})
+    try:
+        save_file(tensors, str(path), metadata={"skeleton": json.dumps(skel)})
+    except SafetensorError as e:  # how safetensors reports an I/O error such as a full disk
+        raise OSError(f"{path}: {e}") from None
     _fsync(path)
 
 
@@ -109,9 +121,7 @@ def seal(tmp: Path, final: Path, meta: dict) -> None:
     manifest = tmp / MANIFEST
     manifest.write_text(json.dumps({**meta, "files": files}, indent=2))
     _fsync(manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    tmp.rename(final)  # never over an existing checkpoint: the rename fails instead (resuming moved newer ones aside)
 
 
 def verify(ckpt: Path) -> tuple[bool, str]:
@@ -150,16 +160,58 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
 
 
-def newest_valid(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose checksums hold; each corrupted one on the way is skipped with a warning."""
+class Found(NamedTuple):
+    newest: Path | None  # the newest checkpoint whose checksums hold
+    manifest: dict | None  # its manifest
+    corrupt: list[tuple[Path, str]]  # the newer ones, newest first, each with what is wrong with it
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest["step"] if self.manifest else None
+
+
+def newest_valid(run_dir: Path) -> Found:
+    """The one lookup of a run's newest checkpoint: verified, so a corrupt one is skipped and named, never read."""
+    corrupt = []
     for ckpt in list_checkpoints(run_dir):
         ok, why = verify(ckpt)
         if ok:
-            return ckpt
-        warnings.warn(f"skipping corrupted checkpoint {ckpt}: {why}", stacklevel=2)
-    return None
+            return Found(ckpt, read_manifest(ckpt), corrupt)
+        corrupt.append((ckpt, why))
+    return Found(None, None, corrupt)
+
+
+def resume_point(run_dir: Path, restart_if_corrupt: bool) -> Found:
+    """Where `train.resume=auto` continues the run: its newest valid checkpoint. When every checkpoint is corrupt,
+    a ConfigError naming them, unless `train.restart_if_corrupt` asks to start over from step 0."""
+    found = newest_valid(run_dir)
+    if found.newest is None and found.corrupt and not restart_if_corrupt:
+        named = "; ".join(f"{path.name}: {why}" for path, why in found.corrupt)
+        raise ConfigError(
+            f"train.resume = 'auto': every checkpoint in {run_dir / 'checkpoints'} is corrupt ({named}); nothing was "
+            f"changed. To start over from step 0, set train.restart_if_corrupt=true: they are moved to "
+            f"checkpoints/{CORRUPT}/, not deleted"
+        )
+    return found
+
+
+def set_aside(run_dir: Path, corrupt: list[tuple[Path, str]]) -> list[Path]:
+    """Move corrupt checkpoints to `checkpoints/corrupt/` (their step numbers are free again); returns where."""
+    root = run_dir / "checkpoints" / CORRUPT
+    moved = []
+    for path, _ in corrupt:
+        root.mkdir(exist_ok=True)
+        target, n = root / path.name, 1
+        while target.exists():  # the same step went corrupt before
+            target, n = root / f"{path.name}.{n}", n + 1
+        path.rename(target)
+        moved.append(target)
+    return moved
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(run_dir)[keep_last:]:
+    """Rank 0, right after sealing a checkpoint (every rank's save is over, and the run lock keeps other runs out):
+    keep the newest `keep_last` checkpoints, and remove the temp directories of saves that never finished."""
+    root = run_dir / "checkpoints"
+    for old in [*list_checkpoints(run_dir)[keep_last:], *root.glob(".tmp-step-*")]:
         shutil.rmtree(old, ignore_errors=True)

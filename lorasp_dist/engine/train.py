@@ -11,12 +11,15 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import time
 import uuid
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +31,9 @@ from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.profile import StepProfiler
 from lorasp_dist.engine.progress import TrainingProgress
+from lorasp_dist.engine.run_dir import RunLock, check_new_or_continued
 from lorasp_dist.inputs import check_inputs
 
-OnCheckpoint = Callable[[Path, int, dict], None]
 STOP_FILE = "STOP"
 EXIT_STOPPED = 3  # stopped on request with a checkpoint saved; `lorasp launch` exits with the same code
 NONFINITE_FILE = "nonfinite.json"  # written when a run stops on NaN/inf; says at which steps
@@ -88,13 +91,13 @@ def _broadcast(obj):
 
 def unique_run_name(cfg: RunConfig) -> str:
     """`YYYYmmdd-HHMMSS-<model>-<6 hex>`: unique even for runs started in the same second (torchrun or `launch`)."""
-    model = cfg.model.preset or Path(str(cfg.model.path)).name
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.model.preset or Path(cfg.model.path).name)
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.train.run_name or unique_run_name(cfg)
-    return Path(cfg.train.output_dir) / _broadcast(name)
+    """The run directory, rank 0's on every rank (train() has named an unnamed run on rank 0)."""
+    return Path(cfg.train.output_dir) / _broadcast(cfg.train.run_name or unique_run_name(cfg))
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -173,6 +176,8 @@ def preflight(cfg: RunConfig) -> Prepared:
         ok, why = ckpt.verify(Path(cfg.train.resume))
         if not ok:
             raise ConfigError(f"train.resume = '{cfg.train.resume}': not a valid checkpoint ({why})")
+    if cfg.train.resume == "auto" and cfg.train.run_name:  # a run whose every checkpoint is corrupt stops here
+        ckpt.resume_point(Path(cfg.train.output_dir) / cfg.train.run_name, cfg.train.restart_if_corrupt)
     tokenizer = ensure_tokenizer(cfg)
     train_ds, val_ds = build_datasets(cfg, tokenizer)
     check_batch_fits(train_ds, cfg)
@@ -182,8 +187,8 @@ def preflight(cfg: RunConfig) -> Prepared:
 # --- the recipe --------------------------------------------------------------------------------------------------
 
 class Recipe:
-    def __init__(self, cfg: RunConfig, on_checkpoint: OnCheckpoint | None = None, prune: bool = True):
-        self.cfg, self.on_checkpoint, self.prune = cfg, on_checkpoint, prune
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
         self.rank, self.world, self.device = init_distributed(cfg)
         self.run_dir = resolve_run_dir(cfg)
         self.is_main = self.rank == 0
@@ -293,8 +298,7 @@ class Recipe:
         if cfg.train.resume == "never":
             return
         if cfg.train.resume == "auto":
-            found = ckpt.newest_valid(self.run_dir) if self.is_main else None
-            path = _broadcast(str(found) if found else None)
+            path = _broadcast(self._newest_valid_checkpoint() if self.is_main else None)
             if path is None:
                 return
             path = Path(path)
@@ -333,33 +337,55 @@ class Recipe:
         atomic_write_text(path, "".join(kept))
         self._metrics = open(path, "a")
 
+    def _newest_valid_checkpoint(self) -> str | None:
+        """Rank 0: where the run continues. Newer corrupt checkpoints are moved aside first, so that the steps they
+        held are saved again without anything being deleted (preflight has refused a run with no valid one)."""
+        found = ckpt.resume_point(self.run_dir, self.cfg.train.restart_if_corrupt)
+        for (path, why), moved in zip(found.corrupt, ckpt.set_aside(self.run_dir, found.corrupt)):
+            print(f"[lorasp] {path.name} is corrupt ({why}): moved to {moved}", flush=True)
+        return str(found.newest) if found.newest else None
+
     def _rank_state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": _get_rng()}
 
     def save_checkpoint(self, metrics: dict) -> Path:
+        """Every rank writes its file, rank 0 seals them and prunes. A write that fails on any rank (a full disk)
+        stops every rank with the same CheckpointWriteError, the partial save removed, older checkpoints untouched."""
         from lorasp_dist.lorasp import lorasp_state_dict
 
         tmp, final = ckpt.tmp_dir(self.run_dir, self.step), ckpt.step_dir(self.run_dir, self.step)
         with self.tracker.phase("checkpoint", self.step):
+            error = None
             if self.is_main:
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+                error = _attempt(lambda: tmp.mkdir(parents=True))
             self.barrier()
-            ckpt.save_state_file(tmp / f"rank{self.rank}.safetensors", self._rank_state())
+            error = error or _attempt(
+                lambda: ckpt.save_state_file(tmp / f"rank{self.rank}.safetensors", self._rank_state()))
             with self.gathered_lorasp():
-                if self.is_main:
-                    ckpt.save_state_file(tmp / "lorasp.safetensors", {"lorasp": lorasp_state_dict(self.model)})
-            self.barrier()
+                if self.is_main and error is None:
+                    error = _attempt(lambda: ckpt.save_state_file(
+                        tmp / "lorasp.safetensors", {"lorasp": lorasp_state_dict(self.model)}))
+            errors = [None] * self.world
+            torch.distributed.all_gather_object(errors, error)  # also the barrier: every rank's file is written
+            error = next((e for e in errors if e), None)
             if self.is_main:
-                meta = {"step": self.step, "sample_pos": self.sample_pos, "world_size": self.world, "metrics": metrics}
-                ckpt.seal(tmp, final, meta)
-                if self.prune:
+                if error is None:
+                    meta = {"step": self.step, "sample_pos": self.sample_pos, "world_size": self.world,
+                            "metrics": metrics}
+                    error = _attempt(lambda: ckpt.seal(tmp, final, meta))
+                if error is None:
                     ckpt.prune(self.run_dir, self.cfg.train.keep_last)
-            self.barrier()
-        if self.on_checkpoint:
-            self.on_checkpoint(final, self.step, metrics)
+                else:
+                    shutil.rmtree(tmp, ignore_errors=True)  # before anything else needs the space
+            error = _broadcast(error)
+        if error:
+            kept = ckpt.list_checkpoints(self.run_dir)
+            raise ckpt.CheckpointWriteError(
+                f"checkpoint {final.name} could not be written ({error}); the run stopped at step {self.step}, "
+                f"{kept[0].name + ' is intact' if kept else 'with no earlier checkpoint'}: free space, then continue "
+                f"the run from it (train.resume=auto, or lorasp launch --resume {self.run_dir})"
+            )
         return final
 
     def gathered_lorasp(self):
@@ -538,7 +564,7 @@ class Recipe:
             write_peft_adapter(weights, self.cfg.lorasp, self.run_dir / "adapter", base_model=base,
                                tokenizer=self.tokenizer)
             summary = {"run_dir": str(self.run_dir), "adapter": str(self.run_dir / "adapter"), "load_s": self.load_s}
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))  # it means "finished"
         self.barrier()
         self.tracker.stop()
         self.barrier()
@@ -560,6 +586,15 @@ class Recipe:
 def _json_safe(record: dict) -> dict:
     """NaN and inf are not JSON: they are written as null (a training step's `finite` flag says why)."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _attempt(write: Callable[[], object]) -> str | None:
+    """None, or why `write` failed: ranks exchange the reason, so that every rank stops with the same message."""
+    try:
+        write()
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def _get_rng() -> dict:
@@ -589,16 +624,24 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(cfg: RunConfig, on_checkpoint: OnCheckpoint | None = None, prune: bool = True) -> Path:
-    """Train on this rank; returns the run directory. `prune=False`: the caller deletes old checkpoints (under
-    `lorasp launch`, Ray Train's CheckpointConfig.num_to_keep does; two owners would delete each other's)."""
+def train(cfg: RunConfig, claim: bool = True) -> Path:
+    """Train on this rank; returns the run directory. With `claim`, rank 0 takes the run directory's lock for the
+    life of the run (run_dir.py); `lorasp launch` passes False: its driver holds the lock across worker restarts."""
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    # fail fast, before the process group and the other ranks wait on us
-    prepared = preflight(cfg) if int(os.environ.get("RANK", "0")) == 0 else None
-    recipe = Recipe(cfg, on_checkpoint, prune)
-    try:
-        recipe.setup(prepared)
-        return recipe.run()
-    finally:
-        recipe.close()
+    prepared, lock = None, nullcontext()
+    if int(os.environ.get("RANK", "0")) == 0:  # fail fast, before the process group and the other ranks wait on us
+        prepared = preflight(cfg)
+        if claim:
+            cfg.train.run_name = cfg.train.run_name or unique_run_name(cfg)
+            run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+            check_new_or_continued(run_dir, cfg.train.resume)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+    with lock:
+        recipe = Recipe(cfg)
+        try:
+            recipe.setup(prepared)
+            return recipe.run()
+        finally:
+            recipe.close()
