@@ -510,8 +510,9 @@ class Recipe:
                 if nonfinite and (len(nonfinite) >= t.max_nonfinite_steps or self.step == t.max_steps):
                     self._stop_nonfinite(nonfinite)
                 if nonfinite and self.is_main:
-                    print(f"[lorasp] step {self.step}: NaN/inf loss or gradient norm ({len(nonfinite)} in a row, the "
-                          f"run stops at {t.max_nonfinite_steps})" + ("; no checkpoint" if save else ""), flush=True)
+                    print(f"[lorasp] step {self.step}: NaN/inf loss, gradient norm or adapter values ({len(nonfinite)} "
+                          f"in a row, the run stops at {t.max_nonfinite_steps})" + ("; no checkpoint" if save else ""),
+                          flush=True)
                 if save and not nonfinite:
                     self.save_checkpoint(_json_safe(metrics))
                 if preempted:
@@ -540,8 +541,8 @@ class Recipe:
         span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
         why = f"{len(steps)} in a row, train.max_nonfinite_steps = {limit}" if len(steps) >= limit else "the last step"
         message = (
-            f"stopped at step {self.step}: NaN/inf loss or gradient norm at {span} ({why}); no checkpoint or adapter "
-            f"was written from them; newest checkpoint: {newest[0] if newest else 'none'} (lower train.lr, or raise "
+            f"stopped at step {self.step}: NaN/inf loss, gradient norm or adapter values at {span} ({why}); nothing "
+            f"was saved from them; newest checkpoint: {newest[0] if newest else 'none'} (lower train.lr, or raise "
             "train.warmup_steps, and resume from it)"
         )
         if self.is_main:
