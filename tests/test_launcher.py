@@ -436,6 +436,12 @@ def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, clus
     gap = adapter_gap(run, uninterrupted)
     print(f"stopped at step {stopped_at}; max |stopped+resumed - uninterrupted| over the adapter: {gap:.3g}")
     assert gap <= 1e-5
+    log = (run / "logs" / "rank0.log").read_text()
+    resumed_at = int(re.search(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[1])
+    record("SIGUSR1", entry="lorasp launch", exit_code=proc.returncode, steps_lost=stopped_at - resumed_at,
+           data_lost=gap > 1e-5,
+           outcome=f"stopped at step {stopped_at} with a checkpoint and a resume line; --resume finished the run, "
+                   "its adapter matching an uninterrupted run")
 
 
 @pytest.mark.slow
