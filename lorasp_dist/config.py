@@ -154,7 +154,8 @@ class DeepSpeedConfig(_Section):
     config: Literal["zero3", "zero3_offload_optimizer", "zero3_offload_all"] = "zero3"
     # layer: ZeRO-3 gathers a decoder layer whole, in one coalesced all-gather, and hooks nothing inside it (a few
     # hundred gathers a step instead of thousands, each of which made the other rank wait on this one's host);
-    # module: every module on its own (DeepSpeed's default), a smaller live set.
+    # module: every module on its own (DeepSpeed's default), a smaller live set. Without gradient checkpointing the
+    # engine fetches per module either way (see engine/train.py).
     fetch: Literal["layer", "module"] = "layer"
     overrides: dict[str, Any] = Field(default_factory=dict)  # merged into the JSON template, e.g. zero_optimization.*
 

@@ -256,7 +256,9 @@ class Recipe:
             if cfg.train.gradient_checkpointing:
                 # Non-reentrant checkpointing works with ZeRO-3's gather hooks and needs no input requires-grad trick.
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.deepspeed.fetch == "layer":
+            # Whole-layer fetches need the checkpointed recompute: without it, a backward through the saved graph
+            # finds some of a leaf layer's parameters released (seen on CPU, 2 ranks), so fetch per module.
+            if cfg.deepspeed.fetch == "layer" and cfg.train.gradient_checkpointing:
                 set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
