@@ -31,7 +31,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, append_records, context, new_run_id  # noqa: E402
+from results_io import RESULTS, append_records, context, new_run_id, nvml_used  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
@@ -118,17 +118,6 @@ def sharding(wrapped: torch.nn.Module, n_elements: int, layer_cls: type, layers:
     if local > managed / world + len(flats) * (world - 1):
         raise RuntimeError(f"this rank holds {local} of {managed} parameter elements: not sharded over {world}")
     return {"units": len(units), "decoder_layer_units": decoder_units, "local_fraction": local / managed}
-
-
-def nvml_used() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    except Exception:  # no NVML (CPU smoke runs): the field stays null
-        return None
 
 
 def build_record(a: argparse.Namespace, ctx: dict, *, preset: str | None, n_params: int, world: int,

@@ -24,21 +24,10 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, append_records, context, new_run_id  # noqa: E402
+from results_io import RESULTS, append_records, context, new_run_id, nvml_used  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
-
-
-def nvml_used() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    except Exception:  # no NVML (CPU smoke runs): the field stays null
-        return None
 
 
 def main() -> int:

@@ -109,3 +109,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def nvml_used() -> int | None:
+    """This process's GPU memory in use as NVML sees it (the CUDA context and NCCL buffers too); None without NVML."""
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    except Exception:  # no NVML (CPU smoke runs): the field stays null
+        return None
