@@ -24,7 +24,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, append_records, context, new_run_id, nvml_used  # noqa: E402
+from results_io import RESULTS, add_baseline_args, append_records, context, new_run_id, nvml_used  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
@@ -32,12 +32,7 @@ PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="a pre-quantized checkpoint written by `lorasp prepare-base`")
-    p.add_argument("--preset", default=None, help="preset name for the record (default: from the checkpoint)")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rank", type=int, default=16)
+    add_baseline_args(p)
     p.add_argument("--ds-config", default="zero3", help="a template in ds_configs/")
     p.add_argument("--run-id", default=None)
     p.add_argument("--results", default=str(RESULTS))

@@ -123,3 +123,13 @@ def nvml_used() -> int | None:
         return pynvml.nvmlDeviceGetMemoryInfo(handle).used
     except Exception:  # no NVML (CPU smoke runs): the field stays null
         return None
+
+
+def add_baseline_args(p) -> None:
+    """The flags every stock-recipe baseline shares, so they run on what bench/compare.py passes."""
+    p.add_argument("--base", required=True, help="a pre-quantized checkpoint written by `lorasp prepare-base`")
+    p.add_argument("--preset", default=None, help="preset name for the record (default: from the checkpoint)")
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rank", type=int, default=16)

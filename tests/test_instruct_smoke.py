@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_launcher import _ray_env
+from test_quality_smoke import write_tasks  # the same toy BIG-bench tasks
 from transformers import LlamaForCausalLM
 
 from lorasp_dist.config import DataConfig
@@ -25,17 +26,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
-
-
-def write_tasks(root: Path, n: int = 40) -> Path:
-    tasks = root / "bigbench" / "benchmark_tasks"
-    mc = [{"input": f"Is {i} even or odd?", "target_scores": {"even": int(i % 2 == 0), "odd": int(i % 2 == 1)}}
-          for i in range(n)]
-    gen = [{"input": f"What comes after {i}?", "target": str(i + 1)} for i in range(n)]
-    for name, examples in (("toy_parity", mc), ("toy_next", gen)):
-        (tasks / name).mkdir(parents=True)
-        (tasks / name / "task.json").write_text(json.dumps({"name": name, "examples": examples}))
-    return root
 
 
 @pytest.fixture(scope="module")
