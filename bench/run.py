@@ -90,6 +90,10 @@ def collect(run_dir: Path, n: int, preset: str) -> dict:
     plan_file = run_dir / "memory" / "plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     n_params = PRESETS[preset].num_params()
+    predicted = {k: plan[p] / GiB if plan.get(p) else None
+                 for k, p in (("reserved", "gpu_peak_reserved"), ("nvml", "gpu_total"), ("rss", "host_total"))}
+    inventory = run_dir / "memory" / "adapter_rank0.json"
+    adapter = json.loads(inventory.read_text())["bytes"] if inventory.is_file() else None
     return {
         "tokens_per_s_per_gpu": tps,
         "tokens_per_s_min": min(steady),
@@ -103,7 +107,13 @@ def collect(run_dir: Path, n: int, preset: str) -> dict:
         "cluster_total_gb": n * (max(peak["nvml"], peak["reserved"]) + peak["rss"]) / 1e9,
         "load_s": load_s,
         "load_peak_reserved_gib": peak["load_reserved"] / GiB,
-        "predicted_peak_gib": plan["gpu_peak_reserved"] / GiB if plan.get("gpu_peak_reserved") else None,
+        "predicted_peak_gib": predicted["reserved"],
+        "predicted_nvml_gib": predicted["nvml"],
+        "predicted_host_rss_gib": predicted["rss"],
+        # (measured - predicted) / predicted, as the memory report gives it
+        **{f"error_{k}_pct": 100 * (peak[k] / GiB - v) / v if v else None for k, v in predicted.items()},
+        "adapter_bytes_rank0": adapter,
+        "adapter_predicted_bytes": plan.get("adapter"),
         "full_ft_gb": plan["full_ft_bytes"] / 1e9 if plan.get("full_ft_bytes") else None,
     }
 
@@ -163,7 +173,7 @@ def main() -> int:
             records.append({
                 "run_id": run_id, "date": ctx["date"], "git_rev": ctx["git_rev"], "device": ctx["device"],
                 "system": "lorasp", "preset": preset, "gpus": n, "ds_config": ds, "micro_batch": mbs,
-                "seq_len": a.seq_len, "rank": a.rank, "variant": a.variant, "via": a.via,
+                "seq_len": a.seq_len, "rank": a.rank, "variant": a.variant, "via": a.via, "overrides": a.set,
                 **{k: row[k] for k in row if k not in ("config", "ok")},
             })
         rows.append(row)
@@ -171,8 +181,8 @@ def main() -> int:
     if records:
         append_records(records, results)
     cols = ["config", "ok", "tokens_per_s_per_gpu", "tokens_per_s_min", "tokens_per_s_max", "mfu",
-            "peak_reserved_gib", "predicted_peak_gib", "peak_nvml_gib", "load_peak_reserved_gib", "load_s",
-            "host_rss_gib", "cluster_total_gb", "full_ft_gb"]
+            "peak_reserved_gib", "predicted_peak_gib", "error_reserved_pct", "peak_nvml_gib", "error_nvml_pct",
+            "host_rss_gib", "error_rss_pct", "load_peak_reserved_gib", "load_s", "cluster_total_gb", "full_ft_gb"]
     note = f"MFU = 4·N·tokens/s per GPU / {PEAK_FLOPS / 1e12:.0f} TFLOP/s; warm-up steps skipped: {WARMUP}"
     write_summary(run_id, ctx, rows, cols, results, notes=[note])
     with tarfile.open(results / f"{run_id}-reports.tar.gz", "w:gz") as tar:

@@ -30,16 +30,18 @@ from lorasp_dist.config import ConfigError, RunConfig, is_secret
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 CONNECT_TIMEOUT_S = 20  # Ray's client retries an unreachable or wrong cluster forever; bad input must end fast
 STORAGE_CHECK_TIMEOUT_S = 15
-PASSTHROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")  # JIT-built DeepSpeed ops are cached, CPU is explicit
+# JIT-built DeepSpeed ops are cached, CPU is explicit, the user's allocator settings win over ours
+PASSTHROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "PYTORCH_CUDA_ALLOC_CONF")
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
-    """Every rank's environment additions: the config's `env` section (NVLink multicast off, offline hubs, ...).
+    """Every rank's environment additions: the config's `env` section (NVLink multicast off, offline hubs, ...)
+    and the allocator settings (RunConfig.rank_env).
     They go in through the job's runtime_env, so a worker has them from its start: Ray Train builds the process group
     (NCCL reads NCCL_NVLS_ENABLE) before the train function, and so before the engine could set them. Secret-looking
     keys are left out (Ray keeps and shows a runtime_env): the engine sets those from the config it is handed."""
     env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
-    return {**env, **{k: v for k, v in cfg.env.items() if not is_secret(k)}}
+    return {**env, **{k: v for k, v in cfg.rank_env().items() if not is_secret(k)}}
 
 
 def connect(cfg: RunConfig) -> None:

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan", help="predict memory per rank before launch, and find the fastest setting that fits",
         description="Predict memory per rank and check it against --gpu-mem/--host-mem, keeping headroom "
-        "(memory.headroom_fraction, memory.headroom_min: 5%% and 1GiB). Exit codes: 0 fits (or no size given), "
+        "(memory.headroom_fraction, memory.headroom_min: 5% and 1GiB). Exit codes: 0 fits (or no size given), "
         "1 does not fit but another setting does (printed), 2 bad input, 3 nothing searched fits.",
     )
     p.add_argument("config", nargs="?", help="run config YAML (or use --preset)")

@@ -13,7 +13,7 @@ import yaml
 
 from lorasp_dist import cli
 from lorasp_dist.cli import main
-from lorasp_dist.config import ConfigError, load_config, make_lorasp_config
+from lorasp_dist.config import ConfigError, RunConfig, load_config, make_lorasp_config
 from lorasp_dist.engine.train import unique_run_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +143,13 @@ def test_run_name_never_leaves_output_dir(tmp_path, name):
         assert proc.stderr.strip().splitlines() == [f"error: train.run_name = '{name}': must be one directory name: "
                                                     "letters, digits, '.', '_' and '-', not starting with '.'"]
     assert not any(tmp_path.rglob("*")) and not Path("/tmp/lorasp-escaped-run").exists()
+
+
+def test_rank_env_sets_expandable_segments_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert RunConfig().rank_env()["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in RunConfig(memory={"expandable_segments": False}).rank_env()
+    mine = RunConfig(env={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"})
+    assert mine.rank_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's setting wins
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in RunConfig().rank_env()  # the launching shell's too

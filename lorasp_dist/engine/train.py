@@ -65,7 +65,7 @@ def _quiet_known_warnings() -> None:
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Works under any launcher, or alone."""
     _quiet_known_warnings()
-    for k, v in cfg.env.items():
+    for k, v in cfg.rank_env().items():
         os.environ.setdefault(k, v)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -79,6 +79,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
+        if cfg.memory.gpu_mem:  # a budget below the GPU's size is a cap: a plan for a 24 GiB card runs as one
+            total = torch.cuda.get_device_properties(local_rank).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory.gpu_mem / total), local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
@@ -283,6 +286,14 @@ class Recipe:
         path = self.run_dir / "partition" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
+
+    def _write_adapter_inventory(self):
+        """The adapter's bytes on this rank, counted from its tensors (memory/inventory.py), for the report."""
+        from lorasp_dist.memory.inventory import adapter_bytes
+
+        held = adapter_bytes(self.engine.module, getattr(self.engine, "optimizer", None))
+        path = self.run_dir / "memory" / f"adapter_rank{self.rank}.json"
+        path.write_text(json.dumps({"rank": self.rank, "bytes": held}))
 
     def _write_plan(self):
         try:
@@ -497,6 +508,8 @@ class Recipe:
                 self.profiler.tick(self.step)
                 metrics = self.train_step()
                 self.step += 1
+                if self.step == 1:  # the optimizer's moments exist from the first step on
+                    self._write_adapter_inventory()
                 if t.eval_every and self.step % t.eval_every == 0:
                     with self.tracker.phase("eval", self.step):
                         metrics["eval_loss"] = self.evaluate()

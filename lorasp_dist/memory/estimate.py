@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ CUDA_CONTEXT_BYTES = 1960 * MiB
 # reserved ≈ allocated × (1 + fragmentation), for the compute stream's pool. Gathered ZeRO-3 parameters live in
 # another stream's pool, modelled on its own (plan_memory, "ZeRO-3 gathers").
 ALLOCATOR_FRAGMENTATION = 0.08
+# With expandable segments (memory.expandable_segments, the default) a stream's pool is one segment that grows in
+# place, so freed blocks coalesce instead of stranding split pieces. PROVISIONAL, not yet measured on a GPU.
+EXPANDABLE_FRAGMENTATION = 0.02
 # Host RSS of a rank at the tracker's baseline (after the imports, the process group, the tokenizer and the data;
 # before the model). CPU: the baseline lines of 16 runs of examples/tiny.yaml (2 ranks under torchrun, torch 2.13
 # CPU, 2-core x86-64 VM) read 405-416 MiB: torch 219 + deepspeed 22 + datasets/pandas/sentencepiece 116 MiB of
@@ -401,6 +405,7 @@ def plan_memory(
     precision: str = "bf16",
     quantize: bool = True,
     tied_embeddings: bool = False,
+    expandable_segments: bool = True,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
@@ -540,7 +545,8 @@ def plan_memory(
     allocated = sum(gpu.values())
     if cuda:
         compute_pool = allocated - gpu["zero3_gather_buffers"]
-        gpu["allocator_fragmentation"] = int(compute_pool * ALLOCATOR_FRAGMENTATION) + gather_pending
+        fragmentation = EXPANDABLE_FRAGMENTATION if expandable_segments else ALLOCATOR_FRAGMENTATION
+        gpu["allocator_fragmentation"] = int(compute_pool * fragmentation) + gather_pending
         gpu["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
         for k in GPU_COMPONENTS:
@@ -558,7 +564,8 @@ def plan_memory(
         gradient_checkpointing=gradient_checkpointing, variant=variant, gpu=gpu, host=host,
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
-                      quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings),
+                      quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
+                      expandable_segments=expandable_segments),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
@@ -607,6 +614,8 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
         gradient_checkpointing=t.gradient_checkpointing, vocab_size=vocab, precision=t.precision,
         quantize=cfg.model.quantize, tied_embeddings=tied,
+        expandable_segments="expandable_segments:true" in cfg.rank_env().get(
+            "PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")).lower().replace(" ", ""),
     )
     if cfg.model.path is not None:
         plan.preset = str(cfg.model.path)

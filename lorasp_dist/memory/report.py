@@ -248,8 +248,18 @@ def build_report(run_dir: str | Path, samples: dict[int, list[dict]] | None = No
         "predicted_per_rank": {"gpu": plan.gpu, "host": plan.host} if plan else None,
         "ranks": {str(r): {**s, "comparison": _comparisons(s, plan)} for r, s in ranks.items()},
         "cluster": _cluster(ranks, plan, cuda),
+        "adapter": read_adapter_inventory(run_dir),
         "notes": notes,
     }
+
+
+def read_adapter_inventory(run_dir: Path) -> dict[str, dict[str, int]]:
+    """{rank: {term: bytes}} from memory/adapter_rank*.json (memory/inventory.py), written after the first step."""
+    out = {}
+    for f in sorted((run_dir / "memory").glob("adapter_rank*.json")):
+        rec = json.loads(f.read_text())
+        out[str(rec["rank"])] = rec["bytes"]
+    return out
 
 
 # --- Markdown --------------------------------------------------------------------------------------------------------
@@ -260,6 +270,10 @@ def _gib(v: float | None) -> str:
         return "n/a"
     x = v / GiB
     return f"{x:.2f}" if x == 0 or abs(x) >= 0.01 else f"{x:.2g}"
+
+
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v / 2**20:,.2f}"
 
 
 def _pct(v: float | None) -> str:
@@ -307,6 +321,19 @@ def render_markdown(report: dict, charts: list[str]) -> str:
         md += _table(["component", *(f"{side} (GiB)" for side, _, _ in sides)], rows)
         if cuda:
             md += [f"Predicted GPU peak reserved by the allocator: {_gib(plan['gpu_peak_reserved'])} GiB.", ""]
+
+    if report.get("adapter"):
+        md += ["## Adapter bytes per rank: counted beside predicted", "",
+               "Counted from the tensors the rank holds after its first step (memory/inventory.py), GPU and host. "
+               "`gradients` counts the gradient partition; the plan adds the fp32 copy the optimizer step makes "
+               "of one sub-group's gradients, which lasts only for the step.", ""]
+        predicted = plan.get("adapter", {}) if plan else {}
+        terms = list(next(iter(report["adapter"].values())))
+        rows = [[r, *(_mib(held[t]) for t in terms), _mib(sum(held.values()))]
+                for r, held in report["adapter"].items()]
+        if predicted:
+            rows.append(["plan", *(_mib(predicted.get(t)) for t in terms), _mib(sum(predicted.values()))])
+        md += _table(["rank", *(f"{t} (MiB)" for t in terms), "total (MiB)"], rows, right=list(range(len(terms) + 2)))
 
     md += ["## Measured peaks per phase (GiB)", ""]
     keys = {"host_rss_peak_bytes": "host RSS peak"}
