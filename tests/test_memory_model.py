@@ -309,12 +309,13 @@ def test_zero3_gathers_llama7b_by_hand():
     layer_adapter = 2 * 624_640 + 2 * 284_672 + 3 * 22_016
     ahead = 32000 * 4096 * 2 + 32 * (layer_4bit + layer_adapter)
     assert ahead == 3_560_456_192
-    compute_pool = off.gpu_peak_reserved - off.gpu["allocator_fragmentation"] - window
-    # The compute pool's own slack: 2% with expandable segments (the default), 8% with fixed segments.
-    assert off.gpu["allocator_fragmentation"] == int(compute_pool * 0.02) + min(window, ahead - window)
+    # Beyond that window: 12% of the activations with expandable segments (the default), 8% of the compute pool with
+    # fixed segments.
+    pending = min(window, ahead - window)
+    assert off.gpu["allocator_fragmentation"] == int(off.gpu["activations"] * 0.12) + pending
     fixed = plan("llama-7b", 1, "deepspeed.config=zero3_offload_all", "memory.expandable_segments=false")
     compute_pool = fixed.gpu_peak_reserved - fixed.gpu["allocator_fragmentation"] - window
-    assert fixed.gpu["allocator_fragmentation"] == int(compute_pool * 0.08) + min(window, ahead - window)
+    assert fixed.gpu["allocator_fragmentation"] == int(compute_pool * 0.08) + pending
     # Two GPUs: every gather is an all-gather into a new buffer, so the window is there without offload too; it is
     # larger than what reuse alone keeps (the head + 5 layers within stage3_max_reuse_distance).
     two = plan("llama-7b", 2, "deepspeed.config=zero3")
@@ -343,6 +344,24 @@ def test_one_gpu_bench_records_within_10_percent():
         print(f"{r['preset']} {r['ds_config']}: measured {r['peak_reserved_gib']:.2f} GiB, "
               f"predicted {p.gpu_peak_reserved / GiB:.2f} GiB, error {error:+.1%}")
         assert abs(error) <= 0.10, (r["preset"], r["ds_config"], error)
+
+
+def test_two_gpu_bench_records_within_10_percent():
+    """The 2x H200 llama-65b records made with expandable segments (revision d8b41d4: zero3 micro-batch 1, 4 and 8,
+    zero3_offload_all micro-batch 4), each planned with its own overrides: peak reserved and NVML used within ±10%.
+    (Host RSS is not yet: see bench/NOTES.md.)"""
+    path = REPO / "bench" / "results" / "records.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["git_rev"] == "d8b41d4" and r["gpus"] == 2]
+    assert len(rows) == 5
+    for r in rows:
+        sets = [o for o in r.get("overrides", []) if not o.startswith("memory.gpu_mem")]
+        p = plan(r["preset"], r["gpus"], f"train.micro_batch_size={r['micro_batch']}", f"data.seq_len={r['seq_len']}",
+                 f"deepspeed.config={r['ds_config']}", f"lorasp.r={r['rank']}", *sets)
+        for measured, predicted in ((r["peak_reserved_gib"], p.gpu_peak_reserved), (r["peak_nvml_gib"], p.gpu_total)):
+            error = (measured * GiB - predicted) / predicted
+            print(f"{r['run_id']}: measured {measured:.2f} GiB, predicted {predicted / GiB:.2f} GiB, {error:+.1%}")
+            assert abs(error) <= 0.10, (r["run_id"], error)
 
 
 def test_checkpointing_reduces_activations():
