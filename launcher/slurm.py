@@ -282,9 +282,24 @@ def _run_dir(record: dict[str, str]) -> Path | None:
     return Path(comment.removeprefix("lorasp:")) if comment.startswith("lorasp:") else None
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def run_state(run_dir: Path) -> str:
+    """Where a run stands, from its directory: finished, its newest valid checkpoint, or why it has none."""
     from lorasp_dist.engine import checkpoint as ckpt
 
+    if not run_dir.is_dir():
+        return "not created yet"
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    found = ckpt.newest_valid(run_dir)
+    if found.newest is not None:
+        return f"newest checkpoint at step {found.step}"
+    if found.corrupt:  # a resume refuses these unless train.restart_if_corrupt
+        name, why = found.corrupt[0][0].name, found.corrupt[0][1]
+        return f"{len(found.corrupt)} checkpoint(s), none valid; newest {name}: {why}"
+    return "no checkpoint yet"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     r = job_record(args.job_id)
     print(f"job {args.job_id}: {r.get('JobState', '?')} (reason {r.get('Reason', '?')}, restarts "
           f"{r.get('Restarts', '?')}, exit code {r.get('ExitCode', '?')})")
@@ -293,11 +308,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if run_dir is None:
         print("run dir: unknown (not submitted by `lorasp slurm submit`)")
         return 0
-    found = ckpt.list_checkpoints(run_dir) if run_dir.is_dir() else []
-    step = ckpt.newest_valid(run_dir).step if found else None
-    done = (run_dir / "summary.json").is_file()
-    state = "finished" if done else (f"newest checkpoint at step {step}" if found else "no checkpoint yet")
-    print(f"run dir: {run_dir} ({state if run_dir.is_dir() else 'not created yet'})")
+    print(f"run dir: {run_dir} ({run_state(run_dir)})")
     print(f"log:     {r.get('StdOut') or log_path(run_dir, args.job_id)}")
     return 0
 

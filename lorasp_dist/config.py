@@ -188,6 +188,15 @@ class MemoryConfig(_Section):
     expandable_segments: bool = True
 
 
+# NVLink multicast stays off by default: on shared hosts it can wedge GPUs.
+DEFAULT_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lorasp: LoRASPConfig = Field(default_factory=LoRASPConfig)
@@ -196,15 +205,14 @@ class RunConfig(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
-    # Passed to every rank's environment. NVLink multicast stays off by default: on shared hosts it can wedge GPUs.
-    env: dict[str, str] = Field(
-        default_factory=lambda: {
-            "NCCL_NVLS_ENABLE": "0",
-            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-            "NVSHMEM_DISABLE_NVLS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
+    # Passed to every rank's environment, on top of DEFAULT_ENV: a config's own `env` adds keys or changes them,
+    # so setting one variable never drops NVLink multicast's off switch.
+    env: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ENV))
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_over_defaults(cls, v):
+        return {**DEFAULT_ENV, **v} if isinstance(v, dict) else v
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -153,3 +153,14 @@ def test_rank_env_sets_expandable_segments_unless_told_otherwise(monkeypatch):
     assert mine.rank_env()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's setting wins
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.8")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in RunConfig().rank_env()  # the launching shell's too
+
+
+def test_env_overrides_keep_the_defaults(tmp_path):
+    """Setting one `env` variable (a dotted override or the config's own section) keeps NVLink multicast off."""
+    cfg = load_config(REPO / "examples" / "tiny.yaml", ["env.WANDB_MODE=offline"])
+    assert cfg.env["WANDB_MODE"] == "offline" and cfg.env["NCCL_NVLS_ENABLE"] == "0"
+    path = tmp_path / "c.yaml"
+    path.write_text("env:\n  NCCL_NVLS_ENABLE: '1'\n  FOO: bar\n")
+    cfg = load_config(path)
+    assert cfg.env["NCCL_NVLS_ENABLE"] == "1" and cfg.env["FOO"] == "bar"  # an explicit value wins
+    assert cfg.env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and cfg.env["HF_HUB_OFFLINE"] == "1"

@@ -80,3 +80,29 @@ def test_existing_directories_are_only_continued_as_runs(tmp_path):
     for resume in ("never", str(tmp_path / "elsewhere" / "checkpoints" / "step-000010")):
         with pytest.raises(ConfigError, match=r"exists; continue that run with train.resume=auto"):
             check_new_or_continued(tmp_path / "run", resume)
+
+
+def test_slurm_status_names_the_run_state(tmp_path):
+    """`lorasp slurm status`'s run-dir line: finished, the newest valid checkpoint, or why none is valid."""
+    import torch
+
+    from launcher.slurm import run_state
+    from lorasp_dist.engine import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    assert run_state(run) == "not created yet"
+    run.mkdir()
+    assert run_state(run) == "no checkpoint yet"
+    for step in (10, 20):  # real checkpoints through the engine's own writer
+        tmp = ckpt.tmp_dir(run, step)
+        tmp.mkdir(parents=True)
+        for name in ("lorasp", "rank0"):
+            ckpt.save_state_file(tmp / f"{name}.safetensors", {"state": torch.full((4,), float(step))})
+        ckpt.seal(tmp, ckpt.step_dir(run, step), {"step": step, "sample_pos": 0, "world_size": 1})
+    assert run_state(run) == "newest checkpoint at step 20"
+    for step in (10, 20):
+        (ckpt.step_dir(run, step) / "rank0.safetensors").write_bytes(b"torn")
+    state = run_state(run)
+    assert state.startswith("2 checkpoint(s), none valid; newest step-000020: ") and "None" not in state
+    (run / "summary.json").write_text("{}")
+    assert run_state(run) == "finished"
