@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lorasp_dist.config import ConfigError, DataConfig, RunConfig
+from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.presets import PRESETS
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
@@ -168,15 +169,25 @@ def check_tokenizer(cfg: RunConfig, vocab: int | None, where: str) -> None:
                         f"({where}); use at most {vocab}")
 
 
+# --- the method --------------------------------------------------------------------------------------------------
+
+def check_resample(cfg: RunConfig) -> None:
+    """Mask redraws move the optimizer's partitions in memory, or on the host (offload_optimizer.device = cpu); an
+    optimizer swapped to NVMe is not covered (lorasp_dist/lorasp/zero3.py)."""
+    offload = build_ds_config(cfg, 1)["zero_optimization"].get("offload_optimizer") or {}
+    if offload.get("device") == "nvme":
+        raise ConfigError(
+            f"lorasp.resample_every = {cfg.lorasp.resample_every}: mask redraws are not supported with the optimizer "
+            "offloaded to NVMe; use 0, or deepspeed.overrides.zero_optimization.offload_optimizer.device=cpu"
+        )
+
+
 # --- all of them -------------------------------------------------------------------------------------------------
 
 def check_inputs(cfg: RunConfig) -> None:
     """Every check of a run's inputs that needs no built model, tokenizer or dataset (see the module's docstring)."""
     if cfg.lorasp.resample_every:
-        raise ConfigError(
-            f"lorasp.resample_every = {cfg.lorasp.resample_every}: mask resampling is not supported under the "
-            "DeepSpeed engine yet (ZeRO-3 owns the optimizer partitions); use 0"
-        )
+        check_resample(cfg)
     vocab, context, where = model_limits(cfg)
     if context is not None and cfg.data.seq_len > context:
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len}: longer than the model's context, "

@@ -330,7 +330,8 @@ def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
         (["train.resume={tmp}"], "train.resume = '{tmp}': not a valid checkpoint"),
         (["model.path={tmp}"], "model.path = '{tmp}': not a checkpoint directory"),
         (["train.micro_batch_size=100000"], "train.micro_batch_size = 100000"),
-        (["lorasp.resample_every=5"], "lorasp.resample_every = 5: mask resampling is not supported"),
+        (["lorasp.resample_every=5", "deepspeed.overrides.zero_optimization.offload_optimizer.device=nvme"],
+         "lorasp.resample_every = 5: mask redraws are not supported with the optimizer offloaded to NVMe"),
     ],
 )
 def test_bad_input_fails_fast_with_exit_2(tmp_path, overrides, message):

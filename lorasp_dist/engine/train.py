@@ -33,6 +33,7 @@ from lorasp_dist.engine.profile import StepProfiler
 from lorasp_dist.engine.progress import TrainingProgress
 from lorasp_dist.engine.run_dir import RunLock, check_new_or_continued
 from lorasp_dist.inputs import check_inputs
+from lorasp_dist.lorasp.masks import mask_round
 
 STOP_FILE = "STOP"
 EXIT_STOPPED = 3  # stopped on request with a checkpoint saved; `lorasp launch` exits with the same code
@@ -331,9 +332,29 @@ class Recipe:
             self.optimizer.load_state_dict([None] * self.rank + [own["optimizer"]])
             self.scheduler.load_state_dict(own["scheduler"])
             _set_rng(own["rng"])
+            self._restore_masks(path, meta["step"])
         self.step, self.sample_pos = meta["step"], meta["sample_pos"]
         if self.is_main:
             print(f"[lorasp] resumed from {path} at step {self.step}", flush=True)
+
+    def _restore_masks(self, path: Path, step: int) -> None:
+        """The masks a checkpoint trained with: their round follows from its step (lorasp.resample_every), and after
+        a redraw its frozen values, trained before the redraw froze them, are in its lorasp.safetensors (the
+        optimizer partitions hold the trainable ones)."""
+        from lorasp_dist.lorasp import load_lorasp_state_dict
+
+        state = ckpt.load_state_file(path / "lorasp.safetensors")["lorasp"]
+        saved = {int(v[1]) for k, v in state.items() if k.endswith(".mask_seed")}
+        every = self.cfg.lorasp.resample_every
+        expected = mask_round(step, every)
+        if saved - {expected}:
+            raise ConfigError(
+                f"train.resume = '{path}': its masks are of round {max(saved)} at step {step}, where "
+                f"lorasp.resample_every = {every} gives round {expected}; resume with the run's lorasp.resample_every"
+            )
+        if expected:
+            with self.gathered_lorasp(modifier_rank=0):
+                load_lorasp_state_dict(self.model, state)
 
     def _drop_metrics_after(self, step: int) -> None:
         """A restarted run redoes the steps after its checkpoint: the records it wrote for them before go, so that
@@ -401,12 +422,20 @@ class Recipe:
             )
         return final
 
-    def gathered_lorasp(self):
-        """Context: every LoRA-SP parameter whole on every rank (ZeRO-3 holds only a partition otherwise)."""
+    def gathered_lorasp(self, modifier_rank: int | None = None):
+        """Context: every LoRA-SP parameter whole on every rank (ZeRO-3 holds only a partition otherwise); with a
+        `modifier_rank`, what that rank writes into them is every rank's on leaving."""
         import deepspeed
 
         params = [p for n, p in self.model.named_parameters() if "lora_" in n]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    def resample_masks(self) -> None:
+        """Redraw every mask before the next step (lorasp.resample_every): values kept, Adam moments carried for
+        the entries that stay trainable and zero for those that become trainable, on every rank's partitions."""
+        from lorasp_dist.lorasp.zero3 import resample_masks_zero3
+
+        resample_masks_zero3(self.model)
 
     # the loop --------------------------------------------------------------------------------------------------
     def batches(self):
@@ -497,7 +526,7 @@ class Recipe:
                 self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else k, v, record["step"])
 
     def run(self) -> Path:
-        t = self.cfg.train
+        t, every = self.cfg.train, self.cfg.lorasp.resample_every
         stop = StopRequest(self.run_dir, self.device)
         metrics: dict = {}
         nonfinite: list[int] = []  # the current run of consecutive steps with a NaN/inf loss or gradient norm
@@ -506,6 +535,8 @@ class Recipe:
         with TrainingProgress(t.max_steps, self.step, t.log_every, self.device, enabled=self.is_main) as progress:
             while self.step < t.max_steps:
                 self.profiler.tick(self.step)
+                if mask_round(self.step + 1, every) > mask_round(self.step, every):
+                    self.resample_masks()
                 metrics = self.train_step()
                 self.step += 1
                 if self.step == 1:  # the optimizer's moments exist from the first step on

@@ -127,10 +127,13 @@ def load_lorasp_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> 
         seed, round_ = (int(v) for v in state[f"{layer.name}.mask_seed"])
         if seed != layer.cfg.seed:
             raise ValueError(f"{layer.name}: saved with lorasp.seed={seed}, model has lorasp.seed={layer.cfg.seed}")
-        while layer.round < round_:
-            layer.resample()
+        if round_ != layer.round:
+            layer.set_round(round_)
         for which, m in (("A", layer.lora_A), ("B", layer.lora_B)):
             key = f"{layer.name}.lora_{which}"
             m.train_values.copy_(state[f"{key}.train_values"])
-            if f"{key}.frozen_values" in state:
-                m.frozen_values.copy_(state[f"{key}.frozen_values"])
+            frozen = state.get(f"{key}.frozen_values")
+            if frozen is not None and m.frozen_values is None:  # B's zeros, not stored before a resample
+                m.frozen_values = nn.Parameter(frozen.to(m.train_values).clone(), requires_grad=False)
+            elif frozen is not None:
+                m.frozen_values.copy_(frozen)

@@ -79,22 +79,35 @@ class SparseMatrix(nn.Module):
     def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Swap in a new mask with the same count. Values are kept; optimizer state follows each entry that stays
         trainable and starts at zero for an entry that becomes trainable."""
-        dense = self.dense()
         old = self.mask
         mask = mask.to(old.device)
         state = optimizer.state.get(self.train_values, {}) if optimizer is not None else {}
         for value in state.values():
             if torch.is_tensor(value) and value.shape == self.train_values.shape:
-                full = torch.zeros(self.shape, dtype=value.dtype, device=value.device)
-                full[old] = value
-                value.copy_(full[mask])
-        # In place (counts do not change): whatever holds these tensors, a captured CUDA graph say, sees the change.
+                value.copy_(repack(value, old, mask))
+        self.store(self.dense(), mask)
+
+    @torch.no_grad()
+    def store(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
+        """Hold `dense` under `mask`, which has as many trainable entries as the current one. In place: whatever
+        holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
         self.train_values.copy_(dense[mask])
         if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
             self.frozen_values = nn.Parameter(dense[~mask].clone(), requires_grad=False)
         else:
             self.frozen_values.copy_(dense[~mask])
         self.mask_bits.copy_(pack_mask(mask))
+
+
+def repack(packed: torch.Tensor, old: torch.Tensor, new: torch.Tensor, fill: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Per-entry values of the trainable entries under mask `old` (packed, as `train_values`) -> the same under mask
+    `new`: an entry that stays trainable keeps its value, one that becomes trainable takes its value in `fill` (a
+    dense matrix), or zero."""
+    old, new = old.to(packed.device), new.to(packed.device)
+    full = packed.new_zeros(old.shape) if fill is None else fill.to(packed.device, packed.dtype, copy=True)
+    full[old] = packed
+    return full[new]
 
 
 class LoRASPLinear(nn.Module):
@@ -131,11 +144,25 @@ class LoRASPLinear(nn.Module):
         gen = mask_generator(self.cfg.seed, self.name, which, self.round)
         return draw_mask(tuple(shape), ratio, self.cfg.strategy, gen)
 
-    def resample(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def _masked(self) -> list[tuple[str, SparseMatrix]]:
+        """The matrices with a mask: one that trains whole or not at all has none, and no redraw changes it."""
+        return [(w, m) for w, m in (("A", self.lora_A), ("B", self.lora_B)) if 0.0 < self._ratio(w) < 1.0]
+
+    def redraw(self) -> list[tuple[SparseMatrix, torch.Tensor]]:
+        """Step to the next round: each masked matrix with its new mask, for the caller to swap in (`remask`)."""
         self.round += 1
-        for which, m in (("A", self.lora_A), ("B", self.lora_B)):
-            if 0.0 < self._ratio(which) < 1.0:
-                m.remask(self._mask(which, m.shape), optimizer)
+        return [(m, self._mask(which, m.shape)) for which, m in self._masked()]
+
+    def resample(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        for matrix, mask in self.redraw():
+            matrix.remask(mask, optimizer)
+
+    @torch.no_grad()
+    def set_round(self, round_: int) -> None:
+        """Take the masks of round `round_` directly, moving no value: for a state dict whose values follow."""
+        self.round = round_
+        for which, m in self._masked():
+            m.mask_bits.copy_(pack_mask(self._mask(which, m.shape)))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.dense() @ self.lora_A.dense()) * self.scaling

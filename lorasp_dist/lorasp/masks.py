@@ -16,6 +16,13 @@ def mask_generator(seed: int, layer: str, which: str, round_: int = 0) -> torch.
     return torch.Generator().manual_seed(key)
 
 
+def mask_round(step: int, every: int) -> int:
+    """The round of the masks that training step `step` (counted from 1) uses, when they are redrawn every `every`
+    steps (0: never). Redraws happen between steps, so a checkpoint written after step s holds round
+    mask_round(s, every), and the redraw before step s + 1 is due when mask_round(s + 1, every) is greater."""
+    return (step - 1) // every if every and step > 0 else 0
+
+
 def trainable_count(numel: int, ratio: float) -> int:
     # Python's round() rounds half to even; the method wants the plain nearest integer, so n=3, ratio=.5 -> 2.
     return min(numel, int(math.floor(ratio * numel + 0.5)))

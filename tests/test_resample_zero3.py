@@ -1,0 +1,147 @@
+"""Mask redraws (`lorasp.resample_every`) under real DeepSpeed ZeRO-3: 2 CPU ranks (gloo), the tiny 4-bit model.
+
+tests/zero3_probe.py runs the real recipe and records, around every redraw, what DeepSpeed holds on each rank: the
+gathered matrices, the optimizer's fp32 master and Adam moments, each rank's partitions and persistent full copies.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_engine import REPO, TINY, free_port, metrics, train
+
+from lorasp_dist.engine import checkpoint as ckpt
+
+PROBE = REPO / "tests" / "zero3_probe.py"
+pytestmark = pytest.mark.slow
+
+EVERY, STEPS = 2, 6  # redraws before steps 3 and 5
+REDRAWS = (3, 5)
+COMMON = (f"lorasp.resample_every={EVERY}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.warmup_steps=0",
+          "train.lr_schedule=constant", "train.lr=5e-3", "train.weight_decay=0.1")
+
+
+def probed_run(out: Path, name: str, *overrides: str) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Run the probe; rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(PROBE), str(TINY), f"train.output_dir={out}",
+           f"train.run_name={name}", *COMMON, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert sorted(metrics(out / name)) == list(range(1, STEPS + 1))
+    ranks = {}
+    for rank in (0, 1):
+        tags: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(out / name / "probe" / f"rank{rank}.safetensors").items():
+            tag, field = key.split("/", 1)
+            tags.setdefault(tag, {})[field] = value
+        ranks[rank] = tags
+    return ranks
+
+
+def unpack(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Packed per-trainable-entry values -> a dense matrix, zero at frozen entries."""
+    full = torch.zeros(mask.shape, dtype=packed.dtype)
+    full[mask] = packed.reshape(-1)
+    return full
+
+
+def check_partitions(tag: dict[str, torch.Tensor], other: dict[str, torch.Tensor], matrices: list[str]) -> int:
+    """Each rank's partition is its slice of the gathered parameter, a persistent full copy is the gathered one,
+    and both ranks gathered the same. Returns how many full copies were checked."""
+    whole = 0
+    for m in matrices:
+        values = tag[f"{m}.train_values"]
+        parts = torch.cat([tag[f"{m}.part.train_values"], other[f"{m}.part.train_values"]])
+        assert torch.equal(parts[:values.numel()], values), m
+        for name in ("train_values", "frozen_values", "mask_bits"):
+            copy = tag.get(f"{m}.whole.{name}")
+            if copy is not None:
+                whole += 1
+                parts = torch.cat([tag[f"{m}.part.{name}"], other[f"{m}.part.{name}"]])
+                assert torch.equal(copy.reshape(-1), parts[:copy.numel()]), (m, name)
+        for field in ("dense", "mask", "master", "exp_avg", "exp_avg_sq"):
+            if f"{m}.{field}" in tag:
+                assert torch.equal(tag[f"{m}.{field}"], other[f"{m}.{field}"]), (m, field)
+        dense, mask = tag[f"{m}.dense"], tag[f"{m}.mask"]
+        assert torch.equal(dense[mask], tag[f"{m}.train_values"])
+        assert torch.equal(tag[f"{m}.master"].to(dense.dtype), tag[f"{m}.train_values"])  # master and parameter agree
+    return whole
+
+
+def check_redraws(ranks: dict) -> dict[str, int]:
+    tags = ranks[0]
+    matrices = sorted({k.rsplit(".", 1)[0] for k in tags["start0"] if k.endswith(".dense")})
+    assert matrices and sorted(tags) == sorted(["start0", "end6", *(f"{w}{s}" for s in REDRAWS
+                                                                    for w in ("before", "after"))])
+    counts = {"matrices": len(matrices), "kept": 0, "new": 0, "whole_copies": 0, "frozen_b_nonzero": 0}
+    for tag in tags:
+        counts["whole_copies"] += check_partitions(ranks[0][tag], ranks[1][tag], matrices)
+    for step in REDRAWS:
+        before, after = tags[f"before{step}"], tags[f"after{step}"]
+        for m in matrices:
+            old, new = before[f"{m}.mask"], after[f"{m}.mask"]
+            assert int(old.sum()) == int(new.sum()) and not torch.equal(old, new), m
+            assert torch.equal(after[f"{m}.dense"], before[f"{m}.dense"]), m  # every entry of A and B kept
+            kept, added = old & new, new & ~old
+            master_old, master_new = unpack(before[f"{m}.master"], old), unpack(after[f"{m}.master"], new)
+            assert torch.equal(master_new[kept], master_old[kept]), m  # fp32 master carried
+            assert torch.equal(master_new[added], before[f"{m}.dense"][added].float()), m  # from the frozen value
+            for key in ("exp_avg", "exp_avg_sq"):
+                carried, fresh = unpack(after[f"{m}.{key}"], new), unpack(before[f"{m}.{key}"], old)
+                assert torch.equal(carried[kept], fresh[kept]), (m, key)
+                assert torch.count_nonzero(carried[added]) == 0, (m, key)
+                assert torch.count_nonzero(fresh[kept]) > 0, (m, key)  # there was something to carry
+            counts["kept"] += int(kept.sum())
+            counts["new"] += int(added.sum())
+            if m.endswith(".B"):  # B's frozen half is no longer all zero: it trained before this redraw froze it
+                counts["frozen_b_nonzero"] += int(torch.count_nonzero(after[f"{m}.dense"][~new]))
+    # Frozen entries never move between redraws; trainable ones do.
+    spans = [("start0", "before3"), ("after3", "before5"), ("after5", "end6")]
+    for first, last in spans:
+        for m in matrices:
+            frozen = ~tags[first][f"{m}.mask"]
+            assert torch.equal(tags[last][f"{m}.mask"], tags[first][f"{m}.mask"]), m
+            assert torch.equal(tags[last][f"{m}.dense"][frozen], tags[first][f"{m}.dense"][frozen]), (m, first)
+        moved = sum(int((tags[last][f"{m}.dense"] != tags[first][f"{m}.dense"]).sum()) for m in matrices)
+        assert moved > 0, (first, last)
+    assert counts["kept"] > 0 and counts["new"] > 0 and counts["frozen_b_nonzero"] > 0, counts
+    return counts
+
+
+# zero3: the adapters are below stage3_param_persistence_threshold, so every rank also keeps them whole. The offload
+# configs partition them all (threshold 0); ratio 0.3 gives some matrices an odd count, so a partition is padded.
+@pytest.mark.parametrize("ds_config, extra", [
+    ("zero3", []),
+    ("zero3_offload_optimizer", ["lorasp.ratio=0.3", "deepspeed.fetch=module",
+                                 "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
+    ("zero3_offload_all", ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
+])
+def test_redraw_keeps_values_and_moves_optimizer_state(tmp_path, ds_config, extra):
+    ranks = probed_run(tmp_path, ds_config, f"deepspeed.config={ds_config}", *extra)
+    counts = check_redraws(ranks)
+    print(f"{ds_config}: {counts}")
+    assert (counts["whole_copies"] > 0) == (ds_config == "zero3")
+
+
+def test_resume_across_a_redraw_matches_uninterrupted(tmp_path):
+    """Stopped after step 4 (masks of round 1, a redraw due before step 5) and continued to step 6: the same adapter,
+    bit for bit, as one run of 6 steps. The schedule is constant, so that max_steps changes no learning rate."""
+    whole = train(tmp_path, "whole", *COMMON, "train.save_every=2")
+    train(tmp_path, "resumed", *COMMON, "train.save_every=2", "train.max_steps=4")
+    resumed = train(tmp_path, "resumed", *COMMON, "train.save_every=2")
+    for step in (4, 6):
+        a = load_file(ckpt.step_dir(whole, step) / "lorasp.safetensors")
+        b = load_file(ckpt.step_dir(resumed, step) / "lorasp.safetensors")
+        assert a.keys() == b.keys() and any("frozen_values" in k for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), step
+    pa = load_file(whole / "adapter" / "adapter_model.safetensors")
+    pb = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    mw, mr = metrics(whole), metrics(resumed)
+    assert [mr[s]["loss"] for s in range(1, STEPS + 1)] == [mw[s]["loss"] for s in range(1, STEPS + 1)]
