@@ -36,15 +36,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory) -> Path:
+def out_dir(seed_tiny, tmp_path_factory) -> Path:
     """An output dir whose tokenizer and synthetic base exist before any run. The rank that writes them in its
     preflight would free that memory into its heap before the baseline and reuse it after, hiding part of its delta."""
-    from lorasp_dist.config import load_config
-    from lorasp_dist.engine.train import preflight
-
-    out = tmp_path_factory.mktemp("memory-cpu")
-    preflight(load_config(str(TINY), [f"train.output_dir={out}"]))
-    return out
+    return seed_tiny(tmp_path_factory.mktemp("memory-cpu"))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
