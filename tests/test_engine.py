@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import record
+from ports import free_ports
 from safetensors.torch import load_file
 
 from lorasp_dist.engine import checkpoint as ckpt
@@ -29,15 +29,9 @@ TINY = REPO / "examples" / "tiny.yaml"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lorasp_dist", "train", *args]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", *args]
 
 
 def train(out: Path, name: str, *overrides: str, timeout: float = 600) -> Path:
