@@ -1,15 +1,20 @@
-"""Shared test set-up: one DeepSpeed extension cache for the whole run, CPU DeepSpeed, offline hubs."""
+"""Shared test set-up: one DeepSpeed extension cache for the whole run, CPU DeepSpeed, offline hubs; the tiny preset's
+tokenizer and base built once; one Ray cluster for the tests that join one with `--address`."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from faults import write as write_fault_table
+from ray_cluster import RayEnv, RayHead
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
 
 # DeepSpeed JIT-builds its CPU ops (shared-memory comm ~40 s, cpu_adam ~50 s) on first use: build them once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -29,3 +34,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def seed_tiny(tmp_path_factory) -> Callable[[Path], Path]:
+    """`seed_tiny(out)` puts examples/tiny.yaml's tokenizer and synthetic 4-bit base, built once for the session, in
+    `out/.cache`, where a run with train.output_dir=out finds them instead of building them (~5 s a run)."""
+    from lorasp_dist.config import load_config
+    from lorasp_dist.engine.train import preflight
+
+    built = tmp_path_factory.mktemp("tiny-cache")
+    preflight(load_config(str(TINY), [f"train.output_dir={built}"]))
+
+    def seed(out: Path) -> Path:
+        shutil.copytree(built / ".cache", out / ".cache", dirs_exist_ok=True)
+        return out
+
+    return seed
+
+
+@pytest.fixture
+def tiny_out(tmp_path, seed_tiny) -> Path:
+    """tmp_path, seeded as a train.output_dir for examples/tiny.yaml."""
+    return seed_tiny(tmp_path)
+
+
+@pytest.fixture
+def ray_env() -> Iterator[dict]:
+    """The environment for one test's own Ray processes (a local instance that `lorasp launch` starts)."""
+    with RayEnv() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[tuple[RayHead, dict]]:
+    """A second Ray cluster, started the way SLURM starts one, which `lorasp launch --address` joins: one for the
+    session, shared by every test that needs a cluster but not a Ray instance of its own."""
+    with RayEnv() as env:
+        head = RayHead(env)
+        try:
+            yield head, env
+        finally:
+            head.stop()

@@ -382,7 +382,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir):
+def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir, seed_tiny):
     """2 ranks x 2 micro-batches of rows holding very different numbers of scored tokens: the first step's logged
     loss is the mean over every scored token of the step, as computed here on the same rows and the same 4-bit base
     (LoRA's B starts at zero), not a mean of per-row means."""
@@ -390,7 +390,7 @@ def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "qa.jsonl", qa)
     overrides = [f"data.path={path}", f"data.tokenizer={tok_dir}", "data.seq_len=40", "train.precision=fp32",
                  "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum=2", "train.eval_every=0",
-                 "train.save_every=0", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r"]
+                 "train.save_every=0", f"train.output_dir={seed_tiny(tmp_path / 'runs')}", "train.run_name=r"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(REPO / "examples" / "tiny.yaml"),
            *overrides]

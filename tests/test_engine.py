@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import record
+from ports import free_ports
 from safetensors.torch import load_file
 
 from lorasp_dist.engine import checkpoint as ckpt
@@ -29,15 +29,9 @@ TINY = REPO / "examples" / "tiny.yaml"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lorasp_dist", "train", *args]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", *args]
 
 
 def train(out: Path, name: str, *overrides: str, timeout: float = 600) -> Path:
@@ -62,8 +56,8 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
     ("zero3_offload_optimizer", ["deepspeed.fetch=module"]),
     ("zero3_offload_all", ["deepspeed.fetch=layer"]),
 ])
-def test_zero3_4bit_trains_and_partitions(tmp_path, ds_config, extra):
-    run = train(tmp_path, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=30", "train.save_every=0",
+def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
+    run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=30", "train.save_every=0",
                 "train.eval_every=0", "train.gradient_checkpointing=true", *extra)
     losses = [metrics(run)[s]["loss"] for s in range(1, 31)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -116,10 +110,10 @@ def _running(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def resume_runs(tmp_path_factory):
+def resume_runs(seed_tiny, tmp_path_factory):
     """An uninterrupted 20-step run, and the same run killed after its step-10 checkpoint and resumed. The killed
     run's lock is left behind: a restart is first refused with a message that says so, then the lock is removed."""
-    out = tmp_path_factory.mktemp("resume")
+    out = seed_tiny(tmp_path_factory.mktemp("resume"))
     common = ("train.precision=fp32", "train.max_steps=20", "train.save_every=10", "train.eval_every=0",
               "train.keep_last=5")
     whole = train(out, "whole", *common)
@@ -206,11 +200,11 @@ def _truncate_manifest(step_dir: Path) -> None:
     manifest.write_bytes(manifest.read_bytes()[:40])  # a save cut short: the manifest is no longer JSON
 
 
-def test_resume_past_a_broken_manifest(resume_runs, tmp_path):
+def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     """The newest checkpoint's manifest is truncated and a failed save left a temp dir: resuming continues from the
     older one, sets the broken one aside (kept, not deleted), keeps `keep_last` checkpoints and removes the orphan."""
     whole = resume_runs[0]
-    run = tmp_path / "run"
+    run = tiny_out / "run"
     shutil.copytree(whole, run)
     broken = ckpt.step_dir(run, 20)
     _truncate_manifest(broken)
@@ -218,7 +212,7 @@ def test_resume_past_a_broken_manifest(resume_runs, tmp_path):
     orphan = ckpt.tmp_dir(run, 15)
     orphan.mkdir()
     (orphan / "rank0.safetensors").write_bytes(b"half a save")
-    cmd = torchrun(str(TINY), f"train.output_dir={tmp_path}", "train.run_name=run", "train.precision=fp32",
+    cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=run", "train.precision=fp32",
                    "train.max_steps=20", "train.save_every=10", "train.eval_every=0", "train.keep_last=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -286,10 +280,10 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + mount (root) for a small tmpfs")
-def test_full_disk_during_a_checkpoint(tmp_path):
+def test_full_disk_during_a_checkpoint(tmp_path, seed_tiny):
     """The run directory is a 1.5 MiB tmpfs: the step-2 checkpoint (about 1 MiB for one rank) fits, step 4's does
     not. One line, exit 1, the step-2 checkpoint intact, nothing half-written left behind."""
-    out, copy = tmp_path / "out", tmp_path / "copy"
+    out, copy = seed_tiny(tmp_path / "out"), tmp_path / "copy"
     run = out / "full"
     run.mkdir(parents=True)  # the mount point: an empty directory is a new run's
     train_cmd = [sys.executable, "-m", "lorasp_dist", "train", str(TINY), f"train.output_dir={out}",

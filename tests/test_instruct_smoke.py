@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_launcher import _ray_env
+from ray_cluster import RayEnv
 from test_quality_smoke import write_tasks  # the same toy BIG-bench tasks
 from transformers import LlamaForCausalLM
 
@@ -47,7 +47,7 @@ def test_instruct_bench_runs_end_to_end(tmp_path, chat_base):
            "--name", "smoke", "--steps", "3", "--micro-batch-size", "2", "--seq-len", "64", "--precision", "fp32",
            "--max-eval", "4", "--eval-batch-size", "4", "--max-new-tokens", "3", "--num-workers", "2",
            "--gpus-per-worker", "0"]
-    with _ray_env() as env:
+    with RayEnv() as env:
         proc = subprocess.run(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,8 +1,8 @@
 """`lorasp launch` end to end: a real local Ray instance, a second Ray cluster started by `ray start`, 2 CPU workers
 running real DeepSpeed ZeRO-3 on the tiny 4-bit base. No mocks: ranks are killed and signalled for real.
 
-Every Ray process a test starts gets its own RAY_TMPDIR; teardown stops exactly the processes that carry it (by
-PID), so other Ray sessions on the machine are never touched.
+A test that needs a Ray instance of its own gets it from `lorasp launch` (ray_env); the others join the session's
+cluster (ray_cluster, tests/conftest.py). tests/ray_cluster.py says how Ray processes are kept apart and stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,14 +25,15 @@ import pytest
 import torch
 from faults import record
 from ports import free_ports
+from ray_cluster import RAY, RayEnv, RayHead, ray_pids, stop_pids, wait_for
 from safetensors.torch import load_file
+from test_secrets import PROBE, SECRET, holders
 
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.run_dir import LOCK_FILE, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
-RAY = str(Path(sys.executable).with_name("ray"))
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # fp32 so that a resumed run can be compared with an uninterrupted one; a checkpoint every 5 of 15 steps
 EXACT = ("train.precision=fp32", "train.max_steps=15", "train.save_every=5", "train.eval_every=0",
@@ -54,14 +54,6 @@ def launch(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedP
     proc = subprocess.run(launch_cmd(*args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.time() - t0
     return proc
-
-
-def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc is None or proc.poll() is None, f"the launcher exited ({proc.returncode}) before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def steps_logged(run_dir: Path, rank: int = 0) -> list[int]:
@@ -99,115 +91,12 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def ray_pids(root: str) -> list[int]:
-    """Processes of the Ray sessions under `root` (a test's RAY_TMPDIR): those started with it in their environment,
-    and those holding a file below it (Ray's processes retitle themselves, which can overwrite /proc/PID/environ,
-    but each keeps its session's log files open)."""
-    marker = f"RAY_TMPDIR={root}".encode()
-    return [int(proc.name) for proc in Path("/proc").iterdir()
-            if proc.name.isdigit() and int(proc.name) != os.getpid() and _holds(proc, marker, root + "/")]
-
-
-def _holds(proc: Path, marker: bytes, prefix: str) -> bool:
-    try:
-        if marker in (proc / "environ").read_bytes().split(b"\0"):
-            return True
-        fds = list((proc / "fd").iterdir())
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(fd).startswith(prefix):
-                return True
-        except OSError:
-            pass
-    return False
-
-
-def stop_pids(pids: list[int], timeout: float = 10) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + timeout
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
-            time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def ray_env() -> Iterator[dict]:
-    """The environment for one test's Ray processes: a private RAY_TMPDIR (short: Ray's unix sockets live there)."""
-    with _ray_env() as env:
-        yield env
-
-
-class _ray_env:
-    def __enter__(self) -> dict:
-        self.root = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
-        # RAY_AUTH_MODE=token: Ray sends its token to an explicit --address only when told to (the SLURM job does too)
-        env = {**os.environ, "RAY_TMPDIR": self.root, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        return env
-
-    def __exit__(self, *exc) -> None:
-        for _ in range(2):  # twice: a dying raylet may have started a worker meanwhile
-            stop_pids(ray_pids(self.root))
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-class RayHead:
-    """`ray start --head --block` on loopback as a child process, stopped by PID."""
-
-    def __init__(self, env: dict, cpus: int = 2):
-        self.port, client, agent, dashboard = free_ports(4)
-        self.address = f"127.0.0.1:{self.port}"
-        log = Path(env["RAY_TMPDIR"]) / f"head-{self.port}.log"
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--port", str(self.port), "--node-ip-address", "127.0.0.1",
-             # the dashboard serves the state API that Ray Train's PlacementGroupCleaner polls
-             "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--ray-client-server-port", str(client),
-             "--dashboard-agent-listen-port", str(agent), "--disable-usage-stats",
-             "--object-store-memory", str(256 * 2**20)],
-            env={**env, "RAY_memory_monitor_refresh_ms": "0"}, stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        # printed once the GCS and this node's raylet are up, so the cluster's resources are known
-        wait_for(lambda: "Ray runtime started" in log.read_text(), "the Ray head to start", self.proc, timeout=120)
-
-    def stop(self) -> None:
-        stop_pids([self.proc.pid])
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[tuple[RayHead, dict]]:
-    """A second Ray cluster, started the way SLURM starts one, which `lorasp launch --address` joins."""
-    with _ray_env() as env:
-        head = RayHead(env)
-        try:
-            yield head, env
-        finally:
-            head.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict]:
+def reference(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict]:
     """15 fp32 steps through `--address` to the second cluster, never interrupted, although two other runs try its
     run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name."""
-    head, env = cluster
-    out, logs = tmp_path_factory.mktemp("reference"), tmp_path_factory.mktemp("reference-output")
+    head, env = ray_cluster
+    out, logs = seed_tiny(tmp_path_factory.mktemp("reference")), tmp_path_factory.mktemp("reference-output")
     run = out / "whole"
     args = (f"train.output_dir={out}", "train.run_name=whole", *EXACT, "--address", head.address)
     t0 = time.time()
@@ -240,13 +129,29 @@ def uninterrupted(reference) -> Path:
 
 # --- the main job ------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def main_job(seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path, list[Path]]:
+    """The README's main job, run once for the tests that read it: examples/tiny.yaml (20 steps, LoRA-SP, ZeRO-3, 2 CPU
+    workers) on a new local Ray. Its ranks are also handed a secret-looking `env` value, and a probe on their
+    PYTHONPATH (tests/test_secrets.py) reports what they saw. Returns the output dir, the launch, the probe's reports
+    and the files of Ray's session (logs and state) that hold the secret, read before the session is removed."""
+    out, probe, seen = (tmp_path_factory.mktemp(name) for name in ("main", "probe", "seen"))
+    seed_tiny(out)
+    (probe / "sitecustomize.py").write_text(PROBE)
+    with RayEnv() as env:
+        env = {**env, "PYTHONPATH": str(probe), "LORASP_PROBE_OUT": str(seen)}
+        proc = launch(env, f"train.output_dir={out}", "train.run_name=tiny", f"env.LORASP_PROBE_TOKEN={SECRET}")
+        ray_files = holders(Path(env["RAY_TMPDIR"]), SECRET)
+    return out, proc, seen, ray_files
+
+
 @pytest.mark.slow
-def test_launch_tiny_on_local_ray(ray_env, tmp_path):
+def test_launch_tiny_on_local_ray(main_job):
     """The README's main job: examples/tiny.yaml (20 steps, LoRA-SP, ZeRO-3, 2 CPU workers) on a new local Ray."""
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "train.run_name=tiny")
+    tiny_out, proc, _, _ = main_job
     print(f"launch took {proc.elapsed:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    run = tmp_path / "tiny"
+    run = tiny_out / "tiny"
     assert "Started a local Ray instance" in proc.stdout + proc.stderr
     assert f"[lorasp] adapter: {run / 'adapter'}" in proc.stdout
     assert f"[lorasp] memory report: {run / 'memory_report.md'}" in proc.stdout
@@ -283,15 +188,32 @@ def test_launch_tiny_on_local_ray(ray_env, tmp_path):
     # The adapter knows its base (the preset's cached synthetic checkpoint) and carries its tokenizer, so eval
     # needs nothing but the run directory.
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(tmp_path / ".cache" / "base-tiny-v1024")
+    assert adapter["base_model_name_or_path"] == str(tiny_out / ".cache" / "base-tiny-v1024")
     assert (run / "adapter" / "tokenizer_config.json").is_file()
-    data = tmp_path / "qa.jsonl"
+    data = tiny_out / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in [("Hi", "Hi"), ("Bye", "Bye")]))
     scored = subprocess.run([sys.executable, "-m", "lorasp_dist", "eval", str(run), "--data", str(data)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            cwd=tiny_out, capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     result = json.loads(scored.stdout)
     assert result["metric"] == "exact_match" and result["n"] == 2 and 0 <= result["value"] <= 1
+
+
+@pytest.mark.slow
+def test_ranks_get_a_secret_no_file_holds(main_job):
+    """A secret-looking `env` value stays out of Ray's runtime_env and out of every file, yet every rank gets it."""
+    out, proc, seen, ray_files = main_job
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = out / "tiny"
+    assert "LORASP_PROBE_TOKEN: <redacted>" in (run / "config.yaml").read_text()
+    want = hashlib.sha256(SECRET.encode()).hexdigest()
+    for rank in (0, 1):
+        pid = (run / "pids" / f"rank{rank}").read_text().strip()
+        report = json.loads((seen / pid).read_text())
+        assert report == {"initial": False, "sha256": want}, (rank, report)  # set by the engine, not by Ray
+    assert SECRET not in proc.stdout + proc.stderr
+    assert holders(run, SECRET) == []
+    assert ray_files == []  # Ray's session logs and state
 
 
 # --- an existing cluster, faults and stops -----------------------------------------------------------------------
@@ -310,11 +232,13 @@ def test_address_joins_an_existing_cluster(reference):
 
 
 @pytest.mark.slow
-def test_killed_rank_is_restarted_from_its_checkpoint(uninterrupted, ray_env, tmp_path):
-    run = tmp_path / "killed"
-    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=killed", *EXACT, "launcher.max_failures=2")
+def test_killed_rank_is_restarted_from_its_checkpoint(uninterrupted, ray_cluster, tiny_out):
+    head, env = ray_cluster
+    run = tiny_out / "killed"
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=killed", *EXACT, "launcher.max_failures=2",
+                     "--address", head.address)
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for((run / "checkpoints" / "step-000005" / "manifest.json").is_file, "the step-5 checkpoint", proc)
         victim = int((run / "pids" / "rank1").read_text())
@@ -369,12 +293,12 @@ def test_a_second_run_in_a_run_directory_is_refused(reference):
 
 
 @pytest.mark.slow
-def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, cluster, tmp_path):
+def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, ray_cluster, tiny_out):
     """Corrupt the newest checkpoint of a finished run, resume it with keep_last 2: it continues from the older one,
     moves the corrupt one to checkpoints/corrupt/ and ends with two checkpoints, the one it resumed from and the new
     one. With every checkpoint corrupt, it stops with one line and changes nothing."""
-    head, env = cluster
-    run = tmp_path / "copy"
+    head, env = ray_cluster
+    run = tiny_out / "copy"
     shutil.copytree(uninterrupted, run)
     flip_a_byte(ckpt.step_dir(run, 15) / "rank1.safetensors")
     before = digest(ckpt.step_dir(run, 15))
@@ -408,11 +332,11 @@ def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, cluster, tmp_pat
 
 
 @pytest.mark.slow
-def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, cluster, tmp_path):
+def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, ray_cluster, tiny_out):
     """The SLURM contract: USR1 to `lorasp launch` -> checkpoint, exit 3 and a resume line; --resume finishes."""
-    head, env = cluster
-    run = tmp_path / "stopped"
-    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=stopped", *EXACT, "--address", head.address)
+    head, env = ray_cluster
+    run = tiny_out / "stopped"
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=stopped", *EXACT, "--address", head.address)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 2,
@@ -431,7 +355,7 @@ def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, clus
     resume_line = next(line for line in out.splitlines() if "resume with: " in line)
     assert resume_line.endswith(f"--resume {run}")
 
-    again = launch(env, f"train.output_dir={tmp_path}", "train.run_name=stopped", *EXACT,
+    again = launch(env, f"train.output_dir={tiny_out}", "train.run_name=stopped", *EXACT,
                    "--address", head.address, "--resume", str(run))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert sorted(steps_logged(run)) == list(range(1, 16))  # nothing redone: the stop checkpoint is the last step
@@ -447,10 +371,12 @@ def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, clus
 
 
 @pytest.mark.slow
-def test_failure_beyond_max_failures_exits_1(ray_env, tmp_path):
-    run = tmp_path / "doomed"
-    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=doomed", "launcher.max_failures=0")
-    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_failure_beyond_max_failures_exits_1(ray_cluster, tiny_out):
+    head, env = ray_cluster
+    run = tiny_out / "doomed"
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=doomed", "launcher.max_failures=0",
+                     "--address", head.address)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for((run / "pids" / "rank1").is_file, "rank 1 to start", proc)
         os.kill(int((run / "pids" / "rank1").read_text()), signal.SIGKILL)
@@ -487,13 +413,13 @@ def newest_checkpoint_step(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp_path):
+def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tiny_out):
     """Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank
     checkpoints, exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with
     token authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0."""
     env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    run = tmp_path / "interrupted"
-    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=interrupted", "train.max_steps=40",
+    run = tiny_out / "interrupted"
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=interrupted", "train.max_steps=40",
                      "train.save_every=10", "train.eval_every=0")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -523,10 +449,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tmp
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_aborts_at_once(ray_env, tmp_path):
+def test_second_ctrl_c_aborts_at_once(ray_env, tiny_out):
     """Ctrl-C twice: no waiting for the checkpoint; exit 130, and the local Ray instance goes with the launcher."""
-    run = tmp_path / "aborted"
-    cmd = launch_cmd(f"train.output_dir={tmp_path}", "train.run_name=aborted", "train.max_steps=40",
+    run = tiny_out / "aborted"
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=aborted", "train.max_steps=40",
                      "train.save_every=10", "train.eval_every=0")
     proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -549,12 +475,12 @@ def test_second_ctrl_c_aborts_at_once(ray_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_torchrun_ranks_with_a_checkpoint(tmp_path):
+def test_sigterm_stops_torchrun_ranks_with_a_checkpoint(tiny_out):
     """`lorasp train` under torchrun: SIGTERM to the ranks (as `kill` or `scancel` sends it) -> every rank
     checkpoints at the next step boundary and exits 3, which torchrun reports."""
-    run = tmp_path / "torchrun"
+    run = tiny_out / "torchrun"
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "lorasp_dist", "train", str(TINY),
-           f"train.output_dir={tmp_path}", "train.run_name=torchrun", "train.max_steps=40", "train.save_every=10",
+           f"train.output_dir={tiny_out}", "train.run_name=torchrun", "train.max_steps=40", "train.save_every=10",
            "train.eval_every=0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -654,8 +580,9 @@ def test_dry_run_resumes_past_a_broken_manifest(ray_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_too_small(ray_env, tmp_path):
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "--num-workers", "64", timeout=120)
+def test_cluster_too_small(ray_cluster, tmp_path):
+    head, env = ray_cluster
+    proc = launch(env, f"train.output_dir={tmp_path}", "--num-workers", "64", "--address", head.address, timeout=120)
     _assert_usage_error(proc, "launcher.num_workers = 64: needs 64 CPU")
 
 

@@ -8,12 +8,12 @@ the ±20% check tests the model, not the fit. CPU is noisy: the 20% bar is the a
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -29,29 +29,19 @@ CONFIGS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory) -> Path:
+def out_dir(seed_tiny, tmp_path_factory) -> Path:
     """An output dir whose tokenizer and synthetic base exist before any run. The rank that writes them in its
     preflight would free that memory into its heap before the baseline and reuse it after, hiding part of its delta."""
-    from lorasp_dist.config import load_config
-    from lorasp_dist.engine.train import preflight
-
-    out = tmp_path_factory.mktemp("memory-cpu")
-    preflight(load_config(str(TINY), [f"train.output_dir={out}"]))
-    return out
+    return seed_tiny(tmp_path_factory.mktemp("memory-cpu"))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cpu_run_report_matches_plan(out_dir, name):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "lorasp_dist", "train", str(TINY), f"train.output_dir={out_dir}",
-           f"train.run_name={name}", "train.max_steps=5", "train.save_every=0", "train.eval_every=0", *CONFIGS[name]]
+           "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(TINY),
+           f"train.output_dir={out_dir}", f"train.run_name={name}", "train.max_steps=5", "train.save_every=0",
+           "train.eval_every=0", *CONFIGS[name]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 

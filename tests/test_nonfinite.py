@@ -1,12 +1,12 @@
 """A run whose loss goes NaN/inf stops with its own exit code (4) and writes nothing from the bad steps: real 2-rank
 DeepSpeed ZeRO-3 on CPU (gloo), the tiny 4-bit base, train.lr=1e30 (the loss is NaN from step 2 on); then the same
-through `lorasp launch` on a real local Ray, where the stop must not be retried as a crash."""
+through `lorasp launch` on a real Ray cluster, where the stop must not be retried as a crash. (The same run as a SLURM
+job: tests/test_slurm.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from faults import record
 from ports import free_ports
-from test_launcher import launch, ray_env  # noqa: F401  (ray_env is a fixture)
-from test_slurm import HALF_CPU, JOB_TIMEOUT_S, cluster, lorasp, submitted  # noqa: F401  (cluster: a fixture)
+from test_launcher import launch
 
 from lorasp_dist.cli import main
 from lorasp_dist.config import TrainConfig
@@ -76,9 +75,9 @@ def check_nothing_saved_from_bad_steps(run: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-def test_nan_run_stops_with_exit_4_and_saves_nothing_from_it(tmp_path):
-    ranks = train_two_ranks(tmp_path, "nan", *EXPLODE)
-    run = tmp_path / "nan"
+def test_nan_run_stops_with_exit_4_and_saves_nothing_from_it(tiny_out):
+    ranks = train_two_ranks(tiny_out, "nan", *EXPLODE)
+    run = tiny_out / "nan"
     for rank, proc in enumerate(ranks):
         assert proc.returncode == 4, f"rank {rank}: " + proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "Traceback" not in proc.stderr
@@ -104,11 +103,13 @@ def test_nonfinite_settings_are_bad_input(capsys):
 
 
 @pytest.mark.slow
-def test_nan_run_under_ray_exits_4_without_restarts(ray_env, tmp_path):  # noqa: F811
+def test_nan_run_under_ray_exits_4_without_restarts(ray_cluster, tiny_out):
     """Under Ray a NaN stop is deliberate: the ranks return, the group is not restarted max_failures times."""
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "train.run_name=nan", *EXPLODE, "launcher.max_failures=2")
+    head, env = ray_cluster
+    proc = launch(env, f"train.output_dir={tiny_out}", "train.run_name=nan", *EXPLODE, "launcher.max_failures=2",
+                  "--address", head.address)
     assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-5000:]
-    run = tmp_path / "nan"
+    run = tiny_out / "nan"
     first_bad, last, newest = check_nothing_saved_from_bad_steps(run)
     assert f"[lorasp] stopped at step {last}: NaN/inf loss" in proc.stderr
     assert "training failed" not in proc.stdout + proc.stderr
@@ -150,14 +151,14 @@ finally:
 
 
 @pytest.mark.slow
-def test_nonfinite_adapter_values_are_never_saved(tmp_path):
+def test_nonfinite_adapter_values_are_never_saved(tmp_path, seed_tiny):
     """Step 2: no checkpoint from its values (the next step rewrites them from the optimizer's fp32 master copy, and
     step 3 is saved). Step 4, the last: no checkpoint and no adapter, exit 4, though every loss was finite."""
     (port,) = free_ports(1)
     script = tmp_path / "poison.py"
     script.write_text(POISON_RANK1)
-    overrides = [f"train.output_dir={tmp_path}", "train.run_name=poisoned", "train.max_steps=4", "train.save_every=1",
-                 "train.keep_last=20", "train.eval_every=0"]
+    overrides = [f"train.output_dir={seed_tiny(tmp_path)}", "train.run_name=poisoned", "train.max_steps=4",
+                 "train.save_every=1", "train.keep_last=20", "train.eval_every=0"]
     procs = [subprocess.Popen([sys.executable, str(script), str(TINY), *overrides], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
@@ -170,16 +171,3 @@ def test_nonfinite_adapter_values_are_never_saved(tmp_path):
     assert "[lorasp] step 2: NaN/inf" in outs[0][0]
     assert json.loads((run / "nonfinite.json").read_text())["nonfinite_steps"] == [4]
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
-
-
-@pytest.mark.slow
-def test_nan_run_fails_the_slurm_job_with_exit_4(cluster, tmp_path):  # noqa: F811
-    """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why."""
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, *EXPLODE, env=cluster.env)
-    job, run = submitted(proc)
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
-    assert cluster.job_field(job, "ExitCode") == "4:0" and cluster.job_field(job, "Restarts") == "0"
-    log = Path(f"{run}.slurm-{job}.out").read_text()
-    assert f"error: the loss went NaN/inf, see {run}/nonfinite.json" in log and "lorasp launch exited with 4" in log
-    check_nothing_saved_from_bad_steps(run)
-    shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)  # kept by the job after a failure, for its logs

@@ -1,16 +1,12 @@
 """Secret-looking `env` values (HF_TOKEN, WANDB_API_KEY, ...) are never written or printed, and stay out of Ray's
-runtime_env, yet every rank still gets them: `validate`, `print-config` and `launch --dry-run` in process, then a
-real 2-rank `lorasp launch` on a local Ray whose rank processes report what they saw."""
+runtime_env, yet every rank still gets them: `validate`, `print-config` and `launch --dry-run` in process here. The
+real 2-rank `lorasp launch` whose rank processes report what they saw (PROBE) is the README's main job, run once for
+several tests: test_ranks_get_a_secret_no_file_holds in tests/test_launcher.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from pathlib import Path
-
-import pytest
-from test_launcher import launch, ray_env  # noqa: F401  (ray_env is a fixture)
 
 from launcher.cluster import worker_env
 from lorasp_dist.cli import main
@@ -58,25 +54,3 @@ def test_printed_configs_hold_no_secret(tmp_path, capsys):
     assert "HF_TOKEN" not in worker_env(cfg)  # ... but Ray's runtime_env never gets it
     assert worker_env(cfg)["TOKENIZERS_PARALLELISM"] == "false"  # TOKEN inside a longer word is no secret
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-def test_ranks_get_a_secret_no_file_holds(ray_env, tmp_path):  # noqa: F811
-    probe, seen = tmp_path / "probe", tmp_path / "seen"
-    probe.mkdir()
-    seen.mkdir()
-    (probe / "sitecustomize.py").write_text(PROBE)
-    env = {**ray_env, "PYTHONPATH": str(probe), "LORASP_PROBE_OUT": str(seen)}
-    proc = launch(env, f"train.output_dir={tmp_path}", "train.run_name=secret", "train.max_steps=2",
-                  "train.eval_every=0", f"env.LORASP_PROBE_TOKEN={SECRET}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    run = tmp_path / "secret"
-    assert "LORASP_PROBE_TOKEN: <redacted>" in (run / "config.yaml").read_text()
-    want = hashlib.sha256(SECRET.encode()).hexdigest()
-    for rank in (0, 1):
-        pid = (run / "pids" / f"rank{rank}").read_text().strip()
-        report = json.loads((seen / pid).read_text())
-        assert report == {"initial": False, "sha256": want}, (rank, report)  # set by the engine, not by Ray
-    assert SECRET not in proc.stdout + proc.stderr
-    assert holders(run, SECRET) == []
-    assert holders(Path(ray_env["RAY_TMPDIR"]), SECRET) == []  # Ray's session logs and state

@@ -1,8 +1,8 @@
 """`lorasp slurm` against a real single-node SLURM (munged, slurmctld, slurmd started by tests/slurm_cluster.py).
 
-Two jobs share the node at once (1 CPU each, 2 workers of half a CPU), so their Ray clusters must keep apart: per-job
-temp dirs and ports. One runs tiny.yaml to the end; the other gets USR1 mid-run, checkpoints, requeues itself and
-resumes in the same run directory.
+Four jobs are queued together and two share the node at a time (1 CPU each, 2 workers of half a CPU), so their Ray
+clusters must keep apart: per-job temp dirs and ports. One runs tiny.yaml to the end; one gets USR1 mid-run,
+checkpoints, requeues itself and resumes in the same run directory; one is cancelled mid-run; one's loss goes NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from faults import record
 from slurm_cluster import SlurmCluster, missing_binaries
+from test_nonfinite import EXPLODE, check_nothing_saved_from_bad_steps
 
 from launcher.ray_launch import EXIT_STOPPED
 from lorasp_dist.engine import checkpoint as ckpt
@@ -188,17 +190,50 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, tmp_path_factory):
-    """Both jobs, submitted together so that they share the node."""
+def jobs(cluster, seed_tiny, tmp_path_factory):
+    """The jobs, submitted together: each starts as soon as a CPU is free, and the two that are stopped mid-run get
+    their signal from a thread, whenever they run (SignalMidRun). Their tests wait for them in turn."""
     def submit(name: str, *overrides: str) -> tuple[str, Path]:
-        out = tmp_path_factory.mktemp(name)  # its own: two runs must not build one synthetic base at once
+        out = seed_tiny(tmp_path_factory.mktemp(name))
         return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out}", *HALF_CPU, *overrides,
                                 env=cluster.env))
 
-    both = {"full": submit("full"), "preempted": submit("preempted", *PREEMPT)}
-    yield both
-    for job, _ in both.values():  # kept after a failure, for its logs
+    queued = {"full": submit("full"), "preempted": submit("preempted", *PREEMPT),
+              "cancelled": submit("cancelled", *PREEMPT), "nan": submit("nan", *EXPLODE)}
+    signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
+               "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
+    yield queued, signals
+    for job, _ in queued.values():  # kept after a failure, for its logs
         shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
+
+
+class SignalMidRun(threading.Thread):
+    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 40
+    steps. `check()` waits for it and raises what went wrong, if anything."""
+
+    def __init__(self, cluster: SlurmCluster, job: str, run_dir: Path, *options: str):
+        super().__init__(daemon=True)
+        self.cluster, self.job, self.run_dir, self.options = cluster, job, run_dir, options
+        self.failure: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while len(steps_logged(self.run_dir)) < 3:
+                state = self.cluster.job_field(self.job, "JobState")
+                assert state in ("PENDING", "RUNNING"), state
+                assert time.monotonic() < deadline, "no training steps logged"
+                time.sleep(0.5)
+            self.cluster.run("scancel", *self.options, self.job)
+        except BaseException as e:  # handed to the test
+            self.failure = e
+
+    def check(self) -> None:
+        self.join(JOB_TIMEOUT_S)
+        assert not self.is_alive(), f"job {self.job}: still waiting for its third step"
+        if self.failure is not None:
+            raise self.failure
 
 
 @pytest.mark.slow
@@ -260,14 +295,8 @@ def test_ray_that_does_not_come_up_fails_the_job(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
-    job, run_dir = jobs["preempted"]
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(steps_logged(run_dir)) < 3:  # mid-run: training is under way, far from its 40 steps
-        assert cluster.job_field(job, "JobState") in ("PENDING", "RUNNING"), cluster.job_field(job, "JobState")
-        assert time.monotonic() < deadline, "no training steps logged"
-        time.sleep(0.5)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
-
+    (job, run_dir), usr1 = jobs[0]["preempted"], jobs[1]["preempted"]
+    usr1.check()  # USR1 to the batch script, as SLURM sends it ahead of a preemption
     assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
     assert cluster.job_field(job, "Restarts") == "1"
     log = Path(f"{run_dir}.slurm-{job}.out").read_text()
@@ -281,7 +310,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
 
 @pytest.mark.slow
 def test_job_runs_to_completion(cluster, jobs):
-    job, run_dir = jobs["full"]
+    job, run_dir = jobs[0]["full"]
     assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
@@ -298,17 +327,22 @@ def test_job_runs_to_completion(cluster, jobs):
 
 
 @pytest.mark.slow
-def test_scancel_checkpoints_and_does_not_requeue(cluster, tmp_path):
+def test_nan_run_fails_the_slurm_job_with_exit_4(cluster, jobs):
+    """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why."""
+    job, run = jobs[0]["nan"]
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
+    assert cluster.job_field(job, "ExitCode") == "4:0" and cluster.job_field(job, "Restarts") == "0"
+    log = Path(f"{run}.slurm-{job}.out").read_text()
+    assert f"error: the loss went NaN/inf, see {run}/nonfinite.json" in log and "lorasp launch exited with 4" in log
+    check_nothing_saved_from_bad_steps(run)
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_and_does_not_requeue(cluster, jobs):
     """Plain `scancel`: SIGTERM to every process of the job (Ray's included), SIGKILL KillWait seconds later. Every
     rank checkpoints in between, `lorasp launch` exits 3 and the job does not requeue."""
-    job, run_dir = submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU,
-                                    *PREEMPT, env=cluster.env))
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(steps_logged(run_dir)) < 3:
-        assert cluster.job_field(job, "JobState") in ("PENDING", "RUNNING"), cluster.job_field(job, "JobState")
-        assert time.monotonic() < deadline, "no training steps logged"
-        time.sleep(0.5)
-    cluster.run("scancel", job)
+    (job, run_dir), cancel = jobs[0]["cancelled"], jobs[1]["cancelled"]
+    cancel.check()
     log_file = Path(f"{run_dir}.slurm-{job}.out")
     deadline = time.monotonic() + 120
     while "Ray cluster stopped" not in log_file.read_text() and time.monotonic() < deadline:
