@@ -31,8 +31,8 @@ def expected(variant: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def counted(tmp_path_factory) -> dict[str, dict[str, int]]:
-    out = tmp_path_factory.mktemp("adapter-bytes")
+def counted(tmp_path_factory, seed_tiny) -> dict[str, dict[str, int]]:
+    out = seed_tiny(tmp_path_factory.mktemp("adapter-bytes"))
     held = {}
     for variant in ("lorasp", "lora"):
         cmd = [sys.executable, "-m", "lorasp_dist", "train", str(REPO / "examples" / "tiny.yaml"),

@@ -69,3 +69,13 @@ def test_instruct_bench_runs_end_to_end(tmp_path, chat_base):
             assert len(preds) == 4 and {"input", "prediction", "target", "correct"} <= set(json.loads(preds[0]))
     md = (out / "smoke.md").read_text()
     assert "| toy_parity | multiple_choice |" in md and "beats_zero_shot" in md
+
+    # --collect rebuilds the same rows from the files the run left, for a call cut short after its tasks ran
+    collect = [sys.executable, str(REPO / "bench" / "instruct_smollm2.py"), "--collect", "--bigbench-dir", str(bb),
+               "--tasks", "toy_parity", "toy_next", "--work", str(tmp_path / "work"), "--out", str(out), "--name",
+               "again", "--device", "CPU (test)", "--git-rev", "test"]
+    proc = subprocess.run(collect, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((out / "again.json").read_text())
+    assert again["device"] == "CPU (test)" and again["git_rev"] == "test"
+    assert again["rows"] == record["rows"]
