@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -66,6 +67,10 @@ def cmd_train(args) -> int:
         return 1
     if not StopRequest.honoured:
         return 0
+    # The checkpoint is saved. torchrun sends SIGTERM to the other ranks once one has exited; arriving while Python
+    # shuts down, which resets the handlers it installed (not an ignore), it would turn this exit 3 into a kill.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if os.environ.get("RANK", "0") == "0":
         print(f"[lorasp] stopped with a checkpoint; resume with the same command plus "
               f"train.output_dir={run_dir.parent} train.run_name={run_dir.name} train.resume=auto", flush=True)
