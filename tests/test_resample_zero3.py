@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import REPO, TINY, free_port, metrics, train
+from test_engine import REPO, TINY, digest, free_port, metrics, torchrun, train
 
 from lorasp_dist.engine import checkpoint as ckpt
 
@@ -145,3 +145,13 @@ def test_resume_across_a_redraw_matches_uninterrupted(tmp_path):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     mw, mr = metrics(whole), metrics(resumed)
     assert [mr[s]["loss"] for s in range(1, STEPS + 1)] == [mw[s]["loss"] for s in range(1, STEPS + 1)]
+
+    # Continued with another lorasp.resample_every, the run would train on masks the checkpoint never held: refused.
+    saved = digest(whole / "checkpoints")
+    cmd = torchrun(str(TINY), f"train.output_dir={tmp_path}", "train.run_name=whole", *COMMON,
+                   "lorasp.resample_every=3")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0
+    assert (f"error: train.resume = '{ckpt.step_dir(whole, STEPS)}': its masks are of round 2 at step 6, where "
+            "lorasp.resample_every = 3 gives round 1") in proc.stderr, proc.stderr[-3000:]
+    assert digest(whole / "checkpoints") == saved  # (torchrun itself prints a traceback when a rank fails)
