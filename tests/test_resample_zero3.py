@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import REPO, TINY, digest, free_port, metrics, torchrun, train
+from ports import free_ports
+from test_engine import REPO, TINY, digest, metrics, torchrun, train
 
 from lorasp_dist.engine import checkpoint as ckpt
 
@@ -29,7 +30,7 @@ COMMON = (f"lorasp.resample_every={EVERY}", f"train.max_steps={STEPS}", "train.e
 def probed_run(out: Path, name: str, *overrides: str) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """Run the probe; rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(PROBE), str(TINY), f"train.output_dir={out}",
+           "--master_port", str(free_ports(1)[0]), str(PROBE), str(TINY), f"train.output_dir={out}",
            f"train.run_name={name}", *COMMON, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
