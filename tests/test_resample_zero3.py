@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from ports import free_ports
+from safetensors.torch import load_file
 from test_engine import REPO, TINY, digest, metrics, torchrun, train
 
 from lorasp_dist.engine import checkpoint as ckpt
