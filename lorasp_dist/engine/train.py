@@ -293,8 +293,8 @@ class Recipe:
         from lorasp_dist.memory.inventory import adapter_bytes
 
         held = adapter_bytes(self.engine.module, getattr(self.engine, "optimizer", None))
-        path = self.run_dir / "memory" / f"adapter_rank{self.rank}.json"
-        path.write_text(json.dumps({"rank": self.rank, "bytes": held}))
+        atomic_write_text(self.run_dir / "memory" / f"adapter_rank{self.rank}.json",
+                          json.dumps({"rank": self.rank, "bytes": held}))
 
     def _write_plan(self):
         try:
