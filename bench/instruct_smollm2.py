@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not (a.base or a.gguf or a.collect):
         p.error("one of --base, --gguf or --collect is required")
+    if a.rows_loss_log and not Path(a.rows_loss_log).is_file():
+        p.error(f"--rows-loss-log = '{a.rows_loss_log}': no such file")
     if a.collect and not (a.device and a.git_rev):
         p.error("--collect needs --device and --git-rev (the runs', not this machine's)")
     if a.tasks is None and not a.task_dir:
@@ -235,6 +237,13 @@ def rows_loss_from_log(log: Path, work: Path) -> None:
 def task_row(task: Path, work: Path) -> dict:
     """One row of the records, read from the files run_task wrote."""
     here, run_dir = work / "tasks-run" / task.name, work / "runs" / task.name
+    needed = [*(here / f"{n}.json" for n in ("zero-shot", "zero-shot-dense", "fine-tuned")), here / "rows_loss.json",
+              run_dir / "metrics" / "rank0.jsonl"]
+    missing = [str(f) for f in needed if not f.is_file()]
+    if missing:  # a task the earlier call did not finish: say which files, not a traceback
+        print(f"error: --work = '{work}': task {task.name} has no {', '.join(missing)}; run it again without "
+              "--collect (or give --rows-loss-log for its first-step-row losses)", file=sys.stderr)
+        raise SystemExit(2)
     scores = {n: json.loads((here / f"{n}.json").read_text()) for n in ("zero-shot", "zero-shot-dense", "fine-tuned")}
     losses = json.loads((here / "rows_loss.json").read_text())
     n_train = losses.get("n_train") or sum(1 for line in (task / "train.jsonl").open() if line.strip())
@@ -264,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     run_id = new_run_id("instruct")
     name = a.name or run_id
     keep = out / name
-    keep.mkdir(parents=True, exist_ok=True)
     base = resolve_base(a, work) if not a.collect else None
     settings = {k: v for k, v in vars(a).items() if k not in ("work", "out", "name")}
     tasks = task_dirs(a, work)
@@ -273,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks if not a.collect else []:
         run_task(a, base, task, work)
     rows = [task_row(task, work) for task in tasks]
+    keep.mkdir(parents=True, exist_ok=True)
     for task in tasks:  # the per-example predictions and the run's config beside the records
         for f in [*(work / "tasks-run" / task.name).glob("*.predictions.jsonl"), work / "tasks-run" / task.name /
                   "config.yaml"]:

@@ -79,3 +79,11 @@ def test_instruct_bench_runs_end_to_end(tmp_path, chat_base):
     again = json.loads((out / "again.json").read_text())
     assert again["device"] == "CPU (test)" and again["git_rev"] == "test"
     assert again["rows"] == record["rows"]
+    # a work directory without a task's results: one line and exit 2, no record written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = [*collect[:collect.index("--work") + 1], str(empty), *collect[collect.index("--work") + 2:]]
+    bad[bad.index("again")] = "none"
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --work = ")
+    assert "Traceback" not in proc.stderr and not (out / "none.json").exists() and not (out / "none").exists()
