@@ -87,11 +87,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         for m in (layer.lora_A, layer.lora_B):
             adapter_params.update(id(p) for p in m.parameters())
             frozen_adapter += m.n_frozen
+    # a 4-bit weight's absmax (model/quant.py) is a parameter for ZeRO-3's sake, but a quant constant, not a weight
+    constants = {id(p.quant_state.absmax) for p in model.parameters() if getattr(p, "quant_state", None) is not None}
     for p in model.parameters():
         n = _logical_numel(p)
         if p.requires_grad:
             trainable += n
-        if id(p) not in adapter_params:
+        if id(p) not in adapter_params and id(p) not in constants:
             base += n
     return {"trainable": trainable, "frozen_adapter": frozen_adapter, "base": base}
 

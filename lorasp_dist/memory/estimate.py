@@ -292,7 +292,11 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
                 storage, constants = nf4_bytes(out_f * in_f)
                 params.append(_Param("base_weights_4bit", storage // QUANT_STORAGE_BYTES, QUANT_STORAGE_BYTES,
                                      False, layer, name))
-                fixed["quant_constants"] += constants
+                # the uint8 absmax is a ZeRO-3 parameter beside its weight (model/quant.py); the nested absmax and
+                # the code tables stay whole on every rank
+                absmax = math.ceil(out_f * in_f / NF4_BLOCKSIZE)
+                params.append(_Param("quant_constants", absmax, 1, False, layer, f"{name}.absmax"))
+                fixed["quant_constants"] += constants - absmax
             else:
                 params.append(_Param("bf16_weights", out_f * in_f, BASE_BYTES, full, layer, name))
             if full or name not in targets:
@@ -440,7 +444,7 @@ def plan_memory(
                                 tied_embeddings)
     gpu = dict.fromkeys(GPU_COMPONENTS, 0)
     host = dict.fromkeys(HOST_COMPONENTS + GPU_COMPONENTS, 0)
-    gpu.update(fixed)  # quant constants are not parameters: ZeRO-3 never partitions them
+    gpu.update(fixed)  # the nested quant constants are not parameters: ZeRO-3 never partitions them
     adapter = dict.fromkeys(ADAPTER_TERMS, 0)
 
     # ZeRO-3 partitions each parameter into ceil(numel / W) elements per rank (padded). A parameter of at most

@@ -109,14 +109,23 @@ def _linear4bit_class():
     class Linear4bitZeRO(bnb.nn.Linear4bit):
         """bitsandbytes' Linear4bit (same weights, same state dict) with a ZeRO-3-safe matmul (see _Matmul4bit)."""
 
+        def _constants(self) -> None:
+            """Read the absmax Parameter through the module: a per-module ZeRO-3 fetch that reaches this layer only
+            through forward_with_lora then gathers it (and keeps it for backward) as it does `self.weight`. The quant
+            state holds the same Parameter object, so dequantize reads the gathered data (an empty partition would
+            crash bitsandbytes' kernel)."""
+            getattr(self, "absmax", None)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             dtype = x.dtype
+            self._constants()
             out = _Matmul4bit.apply(x.to(self.compute_dtype), self.weight)
             return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
 
         def forward_with_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
             """This layer plus a LoRA adapter (dense A: r x in, B: out x r, in the compute dtype), fused."""
             dtype = x.dtype
+            self._constants()
             out = _LoRAMatmul4bit.apply(x.to(self.compute_dtype), self.weight, a, b, scaling)
             return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
 
@@ -137,6 +146,13 @@ def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str
     layer.weight = bnb.nn.Params4bit.from_prequantized(
         tensors["weight"], stats, requires_grad=False, device=device, module=layer
     )
+    state = layer.weight.quant_state
+    if state.nested:
+        # The blockwise absmax (1 byte per 64 weights) becomes a frozen parameter, so ZeRO-3 partitions it with the
+        # weight instead of every rank holding the whole model's (0.96 GiB at 65B). The quant state reads it through
+        # the Parameter object, whose data is the partition at rest and the whole tensor while ZeRO-3 has it gathered.
+        layer.absmax = torch.nn.Parameter(state.absmax, requires_grad=False)
+        state.absmax = layer.absmax
     # bitsandbytes repacks weights in place for AVX512-BF16 CPU inference; under ZeRO-3 that would desynchronise the
     # gathered tensor from its partition and its quant state, so keep the portable layout.
     layer.support_avx512bf16_for_cpu = False
