@@ -277,7 +277,8 @@ class _Param:
 
 
 def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: int, ratio: float,
-                keep_frozen: bool, lora_bytes: int, tied: bool) -> tuple[list[_Param], dict[str, int]]:
+                keep_frozen: bool, lora_bytes: int, tied: bool,
+                partition_absmax: bool = True) -> tuple[list[_Param], dict[str, int]]:
     """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants).
     A tied lm_head is the embedding's parameter: it is not a second one."""
     full = variant == "full"
@@ -294,8 +295,9 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
                                      False, layer, name))
                 # the uint8 absmax is a ZeRO-3 parameter beside its weight (model/quant.py); the nested absmax and
                 # the code tables stay whole on every rank
-                absmax = math.ceil(out_f * in_f / NF4_BLOCKSIZE)
-                params.append(_Param("quant_constants", absmax, 1, False, layer, f"{name}.absmax"))
+                absmax = math.ceil(out_f * in_f / NF4_BLOCKSIZE) if partition_absmax else 0
+                if absmax:
+                    params.append(_Param("quant_constants", absmax, 1, False, layer, f"{name}.absmax"))
                 fixed["quant_constants"] += constants - absmax
             else:
                 params.append(_Param("bf16_weights", out_f * in_f, BASE_BYTES, full, layer, name))
@@ -414,11 +416,13 @@ def plan_memory(
     quantize: bool = True,
     tied_embeddings: bool = False,
     expandable_segments: bool = True,
+    partition_absmax: bool = True,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
     `ds` is the DeepSpeed config dict (ds_config.build_ds_config: what deepspeed.initialize receives); `ds_config`
-    only names it. plan_for_config fills every argument from a run config."""
+    only names it. plan_for_config fills every argument from a run config. `partition_absmax=False` plans the code
+    before the 4-bit absmax became a ZeRO-3 parameter (every rank held all of it): for records measured then."""
     name, p = resolve_preset(preset)
     if vocab_size:
         p = Preset(**{**asdict(p), "vocab_size": vocab_size})
@@ -441,7 +445,7 @@ def plan_memory(
     W = world_size
 
     params, fixed = _parameters(p, variant, quantized, targets, r, ratio, resample_every > 0, lora_bytes,
-                                tied_embeddings)
+                                tied_embeddings, partition_absmax)
     gpu = dict.fromkeys(GPU_COMPONENTS, 0)
     host = dict.fromkeys(HOST_COMPONENTS + GPU_COMPONENTS, 0)
     gpu.update(fixed)  # the nested quant constants are not parameters: ZeRO-3 never partitions them
@@ -574,7 +578,7 @@ def plan_memory(
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
                       quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
-                      expandable_segments=expandable_segments),
+                      expandable_segments=expandable_segments, partition_absmax=partition_absmax),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
