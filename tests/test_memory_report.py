@@ -156,6 +156,37 @@ def test_report_from_two_ranks(run_dir):
     assert "![memory_timeline.png](memory_timeline.png)" in md
 
 
+def test_report_compares_the_host_peak_outside_checkpoints(tmp_path):
+    """A plan with checkpoint staging puts the host peak in the checkpoint phase; the report also compares the peak of
+    the other phases with the host total less that staging (a run stopped before its checkpoint is read there)."""
+    tracker = MemoryTracker(tmp_path, 0, 1, interval_s=0.01, device="cpu")
+    tracker.start()
+    with tracker.phase("load"):
+        held = torch.ones(40 * MB // 4)
+    with tracker.phase("forward", 0):
+        time.sleep(0.02)
+    with tracker.phase("checkpoint", 0):
+        staged = torch.ones(100 * MB // 4)  # the copy a checkpoint writes from, freed after
+        time.sleep(0.05)
+        del staged
+    tracker.stop()
+    del held
+    doc = plan_fixture(world_size=1)
+    doc["host"]["checkpoint_staging"] = 100 * MB
+    doc["host_total"] = sum(doc["host"].values())
+    (tmp_path / "memory" / "plan.json").write_text(json.dumps(doc))
+    rank = json.loads(write_report(tmp_path)[0].read_text())["ranks"]["0"]
+    row = next(c for c in rank["comparison"] if c["quantity"] == "host RSS peak outside checkpoints")
+    assert row["predicted_bytes"] == doc["host_total"] - 100 * MB
+    assert row["measured_bytes"] == max(rank["phases"][k]["host_rss_peak_bytes"] for k in ("load", "forward"))
+    assert row["measured_bytes"] <= rank["host_rss_peak_bytes"] - 95 * MB  # the staging is the checkpoint's alone
+    # Without staging in the plan (a plan.json of before), the row is not there.
+    doc["host"].pop("checkpoint_staging")
+    (tmp_path / "memory" / "plan.json").write_text(json.dumps(doc))
+    rank = json.loads(write_report(tmp_path)[0].read_text())["ranks"]["0"]
+    assert not any(c["quantity"] == "host RSS peak outside checkpoints" for c in rank["comparison"])
+
+
 def test_error_pct():
     assert error_pct(120, 100) == pytest.approx(20.0)
     assert error_pct(80, 100) == pytest.approx(-20.0)

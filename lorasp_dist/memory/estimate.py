@@ -49,9 +49,20 @@ EXPANDABLE_ACTIVATION_SLACK = 0.12
 # Host RSS of a rank at the tracker's baseline (after the imports, the process group, the tokenizer and the data;
 # before the model). CPU: the baseline lines of 16 runs of examples/tiny.yaml (2 ranks under torchrun, torch 2.13
 # CPU, 2-core x86-64 VM) read 405-416 MiB: torch 219 + deepspeed 22 + datasets/pandas/sentencepiece 116 MiB of
-# imports, the rest the gloo group, tokenizer and data. CUDA: on the H100 above, torch's CUDA build + CUDA init +
-# cuBLAS + NCCL raised RSS to 1093 MiB, plus the 182 MiB of deepspeed, transformers and bitsandbytes measured on CPU.
-PROCESS_BASE_BYTES = {"cpu": 411 * MiB, "cuda": 1275 * MiB}
+# imports, the rest the gloo group, tokenizer and data. CUDA: the baseline lines of the 2x H200 `lorasp launch` ranks
+# at revision d8b41d4 (records m65-live1e9, m65-live4e8, cap24GiB, cap48GiB, cap80GiB: rank 0 1424-1425 MiB, rank 1
+# 1456-1457 MiB), mean 1441 MiB (in-sample). Checked on a record not fitted to: the 65B run of 6ef7c07 (call 2 of
+# gpu-20261130) read 1420 MiB. Ranks started by torchrun instead of a Ray worker read ~90 MiB less (gpu1-142129:
+# 1347-1351 MiB); on an H100, torch's CUDA build + CUDA init + cuBLAS + NCCL alone raised RSS to 1093 MiB.
+PROCESS_BASE_BYTES = {"cpu": 411 * MiB, "cuda": 1441 * MiB}
+# CUDA runs: what a rank's RSS gains in its first training steps beyond its host tensors and the imports below: the
+# CUDA runtime's host pages (kernel images loaded on first launch, lazily: torch's, cuBLAS/cuBLASLt's,
+# bitsandbytes', NCCL's, with their host-side state) and DeepSpeed's engine bookkeeping. Fitted (in-sample): the
+# training phases' RSS peak minus the baseline on both ranks of the four 2x H200 zero3 records at d8b41d4, which hold
+# no host tensors (m65-live1e9, m65-live4e8, cap48GiB, cap80GiB: 989-1070 MiB, micro-batch 1 to 8), mean 1031 MiB,
+# less the 121 MiB of imports. Checked on records not fitted to in tests/test_memory_model.py: cap24GiB
+# (zero3_offload_all, 21.7 GiB of host tensors) and the 2-GPU llama-7b and llama-65b records of 2017c41/6ef7c07.
+CUDA_RUNTIME_BYTES = 910 * MiB
 # CPU runs: what a rank's RSS gains after the baseline beyond the tensors this model counts. Measured on the same VM
 # (glibc malloc, OMP_NUM_THREADS=1 as torchrun sets it) with RSS and /proc/self/status read around each engine call
 # of examples/tiny.yaml runs; calibrated on seq 128 × micro-batch 2 and seq 512 × micro-batch 4 (zero3, 2 ranks,
@@ -59,7 +70,8 @@ PROCESS_BASE_BYTES = {"cpu": 411 * MiB, "cuda": 1275 * MiB}
 # - Modules first imported by load_base, after the baseline: transformers' model classes (around
 #   AutoModelForCausalLM.from_config: +74 MiB, 1062 modules, mostly torch._dynamo and sympy) and, for a 4-bit base,
 #   bitsandbytes (around the first 4-bit layer: +47 MiB, 565 modules, torch._inductor and networkx). A fresh
-#   interpreter importing the same measures +81 and +48 MiB (some torch.distributed modules are in already).
+#   interpreter importing the same measures +81 and +48 MiB (some torch.distributed modules are in already). CUDA
+#   ranks import the same modules after the same baseline: counted on both devices.
 CPU_IMPORT_BYTES = {"transformers_models": 74 * MiB, "bitsandbytes": 47 * MiB}
 # - Engine and first-step overhead that does not scale with tokens: the model skeleton and ZeRO-3 hooks (~4 MiB in
 #   the load phase beyond the imports), LoRA-SP injection and deepspeed.initialize (~9 MiB in the init phase beyond
@@ -89,14 +101,18 @@ GPU_COMPONENTS = (
     "gradients", "optimizer_states", "zero3_gather_buffers", "activations", "logits", "dequant_transient",
     "cuda_context", "allocator_fragmentation",
 )
-CPU_HOST_COMPONENTS = ("library_imports", "runtime_overhead", "allocator_retention")  # zero on CUDA plans
-HOST_COMPONENTS = ("process_base", "offloaded_optimizer", "offloaded_params", "pinned_buffers", *CPU_HOST_COMPONENTS)
+CPU_HOST_COMPONENTS = ("runtime_overhead", "allocator_retention")  # zero on CUDA plans
+CUDA_HOST_COMPONENTS = ("cuda_runtime",)  # zero on CPU plans
+HOST_COMPONENTS = (
+    "process_base", "offloaded_optimizer", "offloaded_params", "pinned_buffers", "pinned_overhead",
+    "checkpoint_staging", "library_imports", *CUDA_HOST_COMPONENTS, *CPU_HOST_COMPONENTS,
+)
 # What the adapter costs a rank, GPU and host together: its parameters, frozen values and masks (wherever ZeRO-3
 # keeps them), and the gradients and optimizer state of its trainable entries. Not counted: the reduce bucket (a
 # fixed reduce_bucket_size buffer, the same for every variant) and the dense A and B rebuilt at each forward
 # (activations).
 ADAPTER_TERMS = ("params", "frozen", "masks", "gradients", "optimizer")
-RUNTIME_COMPONENTS = ("cuda_context", "process_base", "library_imports", "runtime_overhead")
+RUNTIME_COMPONENTS = ("cuda_context", "process_base", "library_imports", "cuda_runtime", "runtime_overhead")
 _ADAPTER_COMPONENTS = {"lorasp_params": "params", "lorasp_frozen": "frozen", "lorasp_masks": "masks"}
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py) for keys a template leaves out.
@@ -208,6 +224,8 @@ class ZeroSettings:
     sub_group_size: int
     offload_optimizer: bool
     offload_param: bool
+    pin_param: bool  # offload_param.pin_memory (DeepSpeed's default: true)
+    pin_optimizer: bool  # offload_optimizer.pin_memory
 
     @classmethod
     def from_ds(cls, ds: dict) -> ZeroSettings:
@@ -217,7 +235,8 @@ class ZeroSettings:
             num["reduce_bucket_size"], num["stage3_prefetch_bucket_size"], num["stage3_param_persistence_threshold"],
             num["stage3_model_persistence_threshold"], num["stage3_max_live_parameters"],
             num["stage3_max_reuse_distance"], num["sub_group_size"], offloaded(ds, "offload_optimizer"),
-            offloaded(ds, "offload_param"),
+            offloaded(ds, "offload_param"), bool((zero.get("offload_param") or {}).get("pin_memory", True)),
+            bool((zero.get("offload_optimizer") or {}).get("pin_memory", True)),
         )
 
 
@@ -235,6 +254,20 @@ def nf4_bytes(numel: int) -> tuple[int, int]:
     blocks = math.ceil(numel / NF4_BLOCKSIZE)
     constants = blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCKSIZE) + NF4_TABLES_BYTES
     return storage_elems * QUANT_STORAGE_BYTES, constants
+
+
+def pinned_bytes(n: int) -> int:
+    """Host bytes that pin_memory() of an n-byte tensor takes: PyTorch's pinned host allocator rounds every request
+    up to a power of two (CachingHostAllocator.h: c10::llvm::PowerOf2Ceil, below pinned_max_round_threshold, which
+    is unlimited by default), and all of a page-locked block is resident."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _sub_groups(numel: int, size: int) -> list[int]:
+    """The optimizer's sub-groups of a rank's `numel` trainable elements (stage3.py _create_fp16_sub_groups, which
+    cuts between parameters: taken here as full groups of `size` and the rest)."""
+    full, rest = divmod(numel, size)
+    return [size] * full + ([rest] if rest else [])
 
 
 def _matrix_ratios(variant: str, ratio: float) -> tuple[float, float]:
@@ -477,6 +510,8 @@ def plan_memory(
         else:
             if offload_param:
                 host["offloaded_params"] += resident
+                if zero.pin_param:  # partition_parameters.py _partition_param: each partition is pinned alone
+                    host["pinned_overhead"] += pinned_bytes(resident) - resident
             else:
                 gpu[prm.component] += resident
             if prm.layer is not None:
@@ -498,14 +533,32 @@ def plan_memory(
     if offload_opt:
         gradients = trainable_part * (grad_bytes + 4)
         gpu["gradients"] = bucket_bytes
-        host["offloaded_optimizer"] = optimizer
+        host["offloaded_optimizer"] = optimizer  # fp32 master, m and v: pageable, CPU Adam's
         host["pinned_buffers"] = gradients
+        if zero.pin_optimizer:  # the bf16 partition buffer and one fp32 gradient per sub-group, each pinned alone
+            pins = [trainable_part * grad_bytes] + [4 * n for n in _sub_groups(trainable_part, zero.sub_group_size)]
+            host["pinned_overhead"] += sum(pinned_bytes(n) - n for n in pins)
     else:
         gradients = trainable_part * grad_bytes + 4 * min(trainable_part, zero.sub_group_size)
         gpu["gradients"] = gradients + bucket_bytes
         gpu["optimizer_states"] = optimizer
     if not full:  # only adapter entries train; the reduce bucket is a fixed buffer of reduce_bucket_size
         adapter.update(gradients=gradients, optimizer=optimizer)
+    if offload_param and trainable_part:
+        # stage3.py _create_param_groups_fp16_flat_cpu_memory: the trainable partitions move into one flat buffer,
+        # always pinned; their own pinned blocks go back to the allocator's cache, which keeps them (counted above).
+        flat = trainable_part * grad_bytes
+        host["pinned_buffers"] += flat
+        host["pinned_overhead"] += pinned_bytes(flat) - flat
+
+    # A checkpoint (engine/checkpoint.py; every run writes one at its end) copies to the host what it writes, one file
+    # at a time: this rank's optimizer state (fp32 master, m and v: a copy only when they live on the GPU), then, on
+    # rank 0, the adapter's trainable values gathered whole (lorasp_state_dict; after a mask redraw the frozen values
+    # too). The largest of the two is the host's peak while the checkpoint is written.
+    saved = trainable_full * grad_bytes
+    if resample_every > 0 and not full:
+        saved += sum(prm.numel * prm.elem_bytes for prm in params if prm.component == "lorasp_frozen")
+    host["checkpoint_staging"] = max(optimizer * (cuda and not offload_opt), saved)
 
     # ZeRO-3 gathers (partitioned_param_coordinator.py), valued at the two candidate peaks, both in the backward.
     # - Reuse: a released parameter stays gathered when its next use comes within stage3_max_reuse_distance elements
@@ -561,14 +614,15 @@ def plan_memory(
                  else ALLOCATOR_FRAGMENTATION * compute_pool)
         gpu["allocator_fragmentation"] = int(slack) + gather_pending
         gpu["cuda_context"] = CUDA_CONTEXT_BYTES
+        host["cuda_runtime"] = CUDA_RUNTIME_BYTES
     else:
         for k in GPU_COMPONENTS:
             host[k], gpu[k] = gpu[k], 0
-        host["library_imports"] = CPU_IMPORT_BYTES["transformers_models"] + CPU_IMPORT_BYTES["bitsandbytes"] * quantized
         host["runtime_overhead"] = CPU_RUNTIME_BYTES
         # The loss runs every step, whichever moment is the peak, and its retained heap stays.
         host["allocator_retention"] = int(CPU_LOSS_RETENTION * act["logits"])
     host["process_base"] = PROCESS_BASE_BYTES[device]
+    host["library_imports"] = CPU_IMPORT_BYTES["transformers_models"] + CPU_IMPORT_BYTES["bitsandbytes"] * quantized
 
     ft_total, ft_breakdown = full_finetune_bytes(p, seq_len, micro_batch, tied_embeddings)
     linear = L * sum(o * i for o, i in p.linear_shapes().values())

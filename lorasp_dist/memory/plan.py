@@ -21,6 +21,7 @@ from typing import Any
 from lorasp_dist.config import DS_CONFIGS, ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from lorasp_dist.memory.estimate import (
     CPU_HOST_COMPONENTS,
+    CUDA_HOST_COMPONENTS,
     GPU_COMPONENTS,
     HOST_COMPONENTS,
     MemoryPlan,
@@ -149,13 +150,17 @@ def format_plan_table(plan: MemoryPlan, budget: Budget | None = None) -> str:
     ]
     for name in GPU_COMPONENTS + HOST_COMPONENTS:
         g, h = plan.gpu.get(name, 0), plan.host.get(name, 0)
-        if name in CPU_HOST_COMPONENTS and not h:  # a CUDA plan leaves the CPU runtime terms out
+        if name in CPU_HOST_COMPONENTS + CUDA_HOST_COMPONENTS and not h:  # the other device's runtime terms
             continue
         out.append(f"  {name:<26}{gib(g):>9.2f}{gib(h):>9.2f}")
     out.append(f"  {'total':<26}{gib(plan.gpu_total):>9.2f}{gib(plan.host_total):>9.2f}")
     where = {"loss": "the loss over the logits", "layer": "one layer's recompute + backward"}[plan.peak_phase]
     if plan.device == "cuda":
         out.append(f"peak at {where}; torch max_memory_reserved ≈ {gib(plan.gpu_peak_reserved):.2f} GiB")
+    staging = plan.host.get("checkpoint_staging", 0)
+    if staging:
+        out.append(f"host peak while a checkpoint is written; {gib(plan.host_total - staging):.2f} GiB between "
+                   "checkpoints")
     adapter = adapter_line(plan)
     if adapter:
         out.append(adapter)
@@ -163,7 +168,7 @@ def format_plan_table(plan: MemoryPlan, budget: Budget | None = None) -> str:
     states = 16 * n
     out.append(
         f"cluster: {gib(plan.cluster_total):.1f} GiB (GPU + host, {plan.world_size} ranks); without the runtime "
-        f"({gib(plan.runtime_per_rank):.2f} GiB a rank: Python, torch, the CUDA context) "
+        f"({gib(plan.runtime_per_rank):.2f} GiB a rank: Python, torch and the libraries, the CUDA context and runtime) "
         f"{gib(plan.cluster_total - plan.runtime_per_rank * plan.world_size):.1f} GiB = "
         f"{100 * plan.full_ft_ratio:.1f}% of a full fine-tune's {plan.full_ft_bytes / 1e12:.3f} TB "
         f"(16 B × {n / 1e9:.2f}e9 params = {states / 1e12:.3f} TB + "

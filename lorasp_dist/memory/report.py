@@ -151,6 +151,11 @@ def _comparisons(s: dict, plan: MemoryPlan | None) -> list[dict]:
          plan and plan.host_total - process_base, "host total - process_base"),
         ("host RSS peak (absolute)", s["host_rss_peak_bytes"], plan and plan.host_total, "host total"),
     ]
+    staging = plan.host.get("checkpoint_staging", 0) if plan else 0
+    outside = _peak(v["host_rss_peak_bytes"] for k, v in s["phases"].items() if k != "checkpoint")
+    if staging and outside is not None:  # the plan's host peak is reached while a checkpoint is written
+        rows.append(("host RSS peak outside checkpoints", outside, plan.host_total - staging,
+                     "host total - checkpoint_staging"))
     if s["cuda_reserved_peak_bytes"] is not None:
         rows.insert(0, ("GPU reserved peak (allocator)", s["cuda_reserved_peak_bytes"],
                         plan and plan.gpu_peak_reserved, "gpu_peak_reserved"))
