@@ -157,6 +157,37 @@ def test_bitsandbytes_4bit_base_frozen_entries_and_base_untouched():
             assert torch.equal(p.data.view(torch.uint8), old.view(torch.uint8)), f"4-bit base weight {n} changed"
 
 
+def test_absmax_is_a_frozen_parameter_that_no_adapter_path_takes(tmp_path):
+    """Each 4-bit weight's uint8 absmax is a frozen parameter beside it (so ZeRO-3 partitions it), the very tensor its
+    quant state reads; the adapter's paths leave it out: the parameter counts, the checkpoint's adapter file, the PEFT
+    export, the engine's gather of the adapter (parameters named lora_*) and the adapter inventory."""
+    from safetensors.torch import load_file
+
+    from lorasp_dist.memory.inventory import adapter_bytes
+    from lorasp_dist.model.quant import make_linear4bit, quantize_nf4
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", make_linear4bit(quantize_nf4(torch.randn(128, 64).to(torch.bfloat16) * 0.02), "cpu"))
+    model.add_module("o_proj", make_linear4bit(quantize_nf4(torch.randn(64, 128).to(torch.bfloat16) * 0.02), "cpu"))
+    apply_lorasp(model, LoRASPConfig(r=8, target_modules=["q_proj", "o_proj"]))
+    params = dict(model.named_parameters())
+    absmax = {n: p for n, p in params.items() if n.endswith("absmax")}
+    assert list(absmax) == ["q_proj.base_layer.absmax", "o_proj.base_layer.absmax"]
+    for n, p in absmax.items():
+        layer = model.get_submodule(n.removesuffix(".absmax"))
+        assert p is layer.weight.quant_state.absmax and p.dtype == torch.uint8 and not p.requires_grad
+        assert p.numel() == 128 * 64 // 64  # one byte per 64 weights
+    assert count_parameters(model)["base"] == 2 * 128 * 64  # weights only
+    assert not any("lora_" in n for n in absmax)  # Trainer.gathered_lorasp gathers the parameters named lora_*
+    assert not any("absmax" in k for k in lorasp_state_dict(model))
+    export_peft_adapter(model, tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert sorted(keys) == sorted(f"base_model.model.{n}.lora_{w}.weight" for n in ("q_proj", "o_proj") for w in "AB")
+    held = adapter_bytes(model, None)
+    assert sum(held.values()) == sum(p.numel() * p.element_size() for n, p in params.items() if "lora_" in n)
+
+
 def test_optimizer_state_at_most_55_percent_of_lora(base):
     def state_bytes(opt):
         return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))

@@ -11,7 +11,8 @@ So `gpu_total` (the sum) is the peak that nvidia-smi shows, and `gpu_peak_reserv
 torch.cuda.max_memory_reserved reports: the same less the CUDA/NCCL context, which lives outside PyTorch's allocator.
 On a CPU run every component is host memory, and `host` adds what the process pays beyond its tensors after the
 tracker's baseline (library_imports, runtime_overhead, allocator_retention): the report compares the sum with the
-measured RSS delta.
+measured RSS delta. On a CUDA run `host` is the RSS peak of a rank: the baseline, the imports, the CUDA runtime's
+host pages, the offloaded tensors with what pinning them costs, and the host copy a checkpoint is written from.
 """
 
 from __future__ import annotations
