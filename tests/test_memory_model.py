@@ -378,9 +378,14 @@ def test_zero3_gathers_llama7b_by_hand():
     assert no_prefetch.gpu["zero3_gather_buffers"] == 32000 * 4096 * 2 + 5 * (layer_4bit + layer_absmax + layer_adapter)
 
 
-# Revisions whose records were measured with the 4-bit absmax outside ZeRO-3, whole on every rank (before
-# model/quant.py made it a parameter): their records are planned with partition_absmax=False.
-ABSMAX_REPLICATED = ("488da2f", "2017c41", "6ef7c07", "d8b41d4")
+# What the code of a record's revision (the first 7 characters of its git_rev) held that today's does not, as
+# settings, and whether the 4-bit absmax was outside ZeRO-3, whole on every rank (before model/quant.py made it a
+# parameter: partition_absmax=False). Before d8b41d4 the templates had fixed allocator segments and
+# stage3_max_live_parameters = 1e9. A revision not listed is planned as today's code.
+OLD_TEMPLATES = ("memory.expandable_segments=false",
+                 "deepspeed.overrides.zero_optimization.stage3_max_live_parameters=1000000000")
+REVISIONS = {"488da2f": (OLD_TEMPLATES, True), "2017c41": (OLD_TEMPLATES, True), "6ef7c07": (OLD_TEMPLATES, True),
+             "d8b41d4": ((), True)}
 
 
 def bench_records(keep) -> list[dict]:
@@ -388,25 +393,26 @@ def bench_records(keep) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if keep(r)]
 
 
-def record_plan(r: dict, *settings: str) -> MemoryPlan:
-    """The plan of a bench record's run as its code was at the record's git_rev: its shape, its own overrides (less
-    memory.gpu_mem, a cap, not a setting), then `settings` (what the templates of its day held)."""
+def record_plan(r: dict) -> MemoryPlan:
+    """The plan of a bench record's run as its code was at the record's git_rev (REVISIONS): its shape, the settings
+    of its day, then its own overrides (less memory.gpu_mem, a cap, not a setting)."""
+    settings, absmax_replicated = REVISIONS.get(r["git_rev"][:7], ((), False))
     sets = [o for o in r.get("overrides", []) if not o.startswith("memory.gpu_mem")]
     p = plan(r["preset"], r["gpus"], f"train.micro_batch_size={r['micro_batch']}", f"data.seq_len={r['seq_len']}",
              f"deepspeed.config={r['ds_config']}", f"lorasp.r={r['rank']}", f"lorasp.variant={r['variant']}",
-             *sets, *settings)
-    return p.replan(partition_absmax=False) if r["git_rev"][:7] in ABSMAX_REPLICATED else p
+             *settings, *sets)
+    return p.replan(partition_absmax=False) if absmax_replicated else p
 
 
 def test_one_gpu_bench_records_within_10_percent():
     """The committed one-GPU bench records (bench/results/records.jsonl, run gpu1-142129, 1× H200): predicted peak
     reserved within ±10% of the measured torch.cuda.max_memory_reserved. They ran with fixed allocator segments and
-    stage3_max_live_parameters = 1e9, the templates of their day, and the absmax whole on the GPU."""
+    stage3_max_live_parameters = 1e9, the templates of their day, and the absmax whole on the GPU. (The records of
+    lorasp-20261123-141634 predate the ZeRO-3-safe 4-bit matmul, whose absence kept every layer's gathered weight.)"""
     rows = bench_records(lambda r: r["run_id"] == "gpu1-142129")
     assert len(rows) == 4
     for r in rows:
-        p = record_plan(r, "memory.expandable_segments=false",
-                        "deepspeed.overrides.zero_optimization.stage3_max_live_parameters=1000000000")
+        p = record_plan(r)
         error = (r["peak_reserved_gib"] * GiB - p.gpu_peak_reserved) / p.gpu_peak_reserved
         print(f"{r['preset']} {r['ds_config']}: measured {r['peak_reserved_gib']:.2f} GiB, "
               f"predicted {p.gpu_peak_reserved / GiB:.2f} GiB, error {error:+.1%}")
@@ -414,11 +420,12 @@ def test_one_gpu_bench_records_within_10_percent():
 
 
 def test_two_gpu_bench_records_within_10_percent():
-    """The 2x H200 llama-65b records made with expandable segments (revision d8b41d4: zero3 micro-batch 1, 4 and 8,
-    zero3_offload_all micro-batch 4), each planned with its own overrides and the absmax whole on every rank, as
-    the code was: peak reserved and NVML used within ±10%."""
-    rows = bench_records(lambda r: r["git_rev"] == "d8b41d4" and r["gpus"] == 2)
-    assert len(rows) == 5
+    """The 2x H200 records of ours, each planned as its code was (REVISIONS) with its own overrides: peak reserved
+    and NVML used within ±10%. Revision d8b41d4: llama-65b zero3 at micro-batch 1 (two gather windows), 4 and 8,
+    zero3_offload_all at micro-batch 4, with expandable segments; 2017c41 and 6ef7c07: llama-7b (three runs) and
+    llama-65b (two), zero3 micro-batch 1, fixed segments."""
+    rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2)
+    assert len(rows) == 10 and {r["git_rev"][:7] for r in rows} == {"2017c41", "6ef7c07", "d8b41d4"}
     for r in rows:
         p = record_plan(r)
         for measured, predicted in ((r["peak_reserved_gib"], p.gpu_peak_reserved), (r["peak_nvml_gib"], p.gpu_total)):
