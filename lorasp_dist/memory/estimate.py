@@ -34,7 +34,8 @@ from lorasp_dist.sizes import GiB, MiB
 # 80GB (torch 2.11+cu130, driver 580) NVML used minus torch reserved was 621 MiB after CUDA init, 683 MiB after a
 # bf16 cuBLAS matmul, 1249 MiB after a single-rank NCCL all_reduce; in full training runs (bench gpu1-142129,
 # 1× H200, llama-7b/65b × zero3/zero3_offload_all) peak NVML used minus peak torch reserved was 1.89, 1.91, 1.89 and
-# 1.97 GiB: 1960 MiB, their mean.
+# 1.97 GiB: 1960 MiB, their mean (in-sample for those four; checked on the 2-GPU records' NVML peaks in
+# tests/test_memory_model.py, where NVML minus reserved read 2.18-2.37 GiB).
 CUDA_CONTEXT_BYTES = 1960 * MiB
 # PyTorch's caching allocator reserves more than it allocates (block rounding, split blocks):
 # reserved ≈ allocated × (1 + fragmentation), for the compute stream's pool. Gathered ZeRO-3 parameters live in
