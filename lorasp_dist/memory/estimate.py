@@ -268,7 +268,7 @@ def pinned_bytes(n: int) -> int:
 def _sub_groups(numel: int, size: int) -> list[int]:
     """The optimizer's sub-groups of a rank's `numel` trainable elements (stage3.py _create_fp16_sub_groups, which
     cuts between parameters: taken here as full groups of `size` and the rest)."""
-    full, rest = divmod(numel, size)
+    full, rest = divmod(numel, max(size, 1))
     return [size] * full + ([rest] if rest else [])
 
 
