@@ -370,12 +370,18 @@ def test_zero3_gathers_llama7b_by_hand():
     fixed = plan("llama-7b", 1, "deepspeed.config=zero3_offload_all", "memory.expandable_segments=false")
     compute_pool = fixed.gpu_peak_reserved - fixed.gpu["allocator_fragmentation"] - window
     assert fixed.gpu["allocator_fragmentation"] == int(compute_pool * 0.08) + pending
-    # Two GPUs: every gather is an all-gather into a new buffer, so the window is there without offload too; it is
-    # larger than what reuse alone keeps (the head + 5 layers within stage3_max_reuse_distance).
+    # Two GPUs: every gather is an all-gather into a new buffer, so the window is there without offload too. Reuse
+    # keeps no layer at our templates' stage3_max_reuse_distance of 2.5e8 elements: between a layer's forward and its
+    # recompute the walk passes the lm_head twice (forward and backward, 2 × 32000 × 4096 = 262,144,000 elements).
     two = plan("llama-7b", 2, "deepspeed.config=zero3")
-    assert two.counts["retained_layers"] == 5 and two.gpu["zero3_gather_buffers"] == window
+    assert two.counts["retained_layers"] == 0 and two.gpu["zero3_gather_buffers"] == window
+    # At DeepSpeed's default of 1e9 the last 5 layers stay gathered over the turn to backward (each adds 3 passes of
+    # 4 × 4096² + 3 × 4096 × 11008 = 202,375,168 / 4 bf16-storage elements plus its adapters); the window is larger.
+    reuse_1e9 = "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=1000000000"
+    assert plan("llama-7b", 2, "deepspeed.config=zero3", reuse_1e9).counts["retained_layers"] == 5
     # No prefetch, no window: only the reused layers and the head stay gathered.
-    no_prefetch = plan("llama-7b", 2, "deepspeed.overrides={zero_optimization: {stage3_prefetch_bucket_size: 0}}")
+    no_prefetch = plan("llama-7b", 2, "deepspeed.overrides={zero_optimization: "
+                                      "{stage3_prefetch_bucket_size: 0, stage3_max_reuse_distance: 1000000000}}")
     assert no_prefetch.gpu["zero3_gather_buffers"] == 32000 * 4096 * 2 + 5 * (layer_4bit + layer_absmax + layer_adapter)
 
 
@@ -385,8 +391,10 @@ def test_zero3_gathers_llama7b_by_hand():
 # stage3_max_live_parameters = 1e9. A revision not listed is planned as today's code.
 OLD_TEMPLATES = ("memory.expandable_segments=false",
                  "deepspeed.overrides.zero_optimization.stage3_max_live_parameters=1000000000")
-REVISIONS = {"488da2f": (OLD_TEMPLATES, True), "2017c41": (OLD_TEMPLATES, True), "6ef7c07": (OLD_TEMPLATES, True),
-             "d8b41d4": ((), True)}
+# Up to revision 4792f5f the templates had stage3_max_reuse_distance = 1e9 (2.5e8 since).
+REUSE_1E9 = ("deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=1000000000",)
+REVISIONS = {"488da2f": (OLD_TEMPLATES + REUSE_1E9, True), "2017c41": (OLD_TEMPLATES + REUSE_1E9, True),
+             "6ef7c07": (OLD_TEMPLATES + REUSE_1E9, True), "d8b41d4": (REUSE_1E9, True), "4792f5f": (REUSE_1E9, False)}
 
 
 def bench_records(keep) -> list[dict]:
@@ -424,9 +432,12 @@ def test_two_gpu_bench_records_within_10_percent():
     """The 2x H200 records of ours, each planned as its code was (REVISIONS) with its own overrides: peak reserved
     and NVML used within ±10%. Revision d8b41d4: llama-65b zero3 at micro-batch 1 (two gather windows), 4 and 8,
     zero3_offload_all at micro-batch 4, with expandable segments; 2017c41 and 6ef7c07: llama-7b (three runs) and
-    llama-65b (two), zero3 micro-batch 1, fixed segments."""
+    llama-65b (two), zero3 micro-batch 1, fixed segments; 4792f5f (the absmax partitioned): llama-65b zero3 at
+    micro-batch 1 with max_live 2.5e8, with a larger prefetch, and with stage3_max_reuse_distance 2.5e8 (today's
+    templates), the plan's recommendations for 48 and 80 GiB (zero3 at micro-batch 4 and 8) and for 24 GiB
+    (zero3_offload_all at micro-batch 4), each run capped at that size."""
     rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2)
-    assert len(rows) == 10 and {r["git_rev"][:7] for r in rows} == {"2017c41", "6ef7c07", "d8b41d4"}
+    assert len(rows) == 16 and {r["git_rev"][:7] for r in rows} == {"2017c41", "6ef7c07", "d8b41d4", "4792f5f"}
     for r in rows:
         p = record_plan(r)
         for measured, predicted in ((r["peak_reserved_gib"], p.gpu_peak_reserved), (r["peak_nvml_gib"], p.gpu_total)):
@@ -448,8 +459,8 @@ def test_two_gpu_bench_records_host_rss_within_10_percent():
     to the host, 0.56 GiB, or rank 0's gathered adapter values) is derived, and seen in every run that wrote one.
 
     Left out, with the reason:
-    - compare-llama-7b-20261130-133516 (6ef7c07, 4.16 GiB): it ran under torch.profiler (train.profile_steps=[5]),
-      whose trace sits in host memory; the plan does not model the profiler.
+    - compare-llama-7b-20261130-133516 (6ef7c07, 4.16 GiB) and s13-reuse25 (4792f5f, 8.07 GiB): they ran under
+      torch.profiler (train.profile_steps), whose trace sits in host memory; the plan does not model the profiler.
     - cap80GiB (d8b41d4) was stopped at step 8 of 9 by the device call's limit, before its end checkpoint: it is
       compared without the checkpoint staging.
     - the 1-GPU records (gpu1-142129, 488da2f; lorasp-20261123-141634, 20aefb9) peaked while loading, before the
@@ -458,12 +469,12 @@ def test_two_gpu_bench_records_host_rss_within_10_percent():
       phase), so it cannot explain those peaks; their LoRA-SP layout (int32 slot maps, stored zero halves) is also
       gone.
     """
-    profiled = "compare-llama-7b-20261130-133516-lorasp-mbs1-r0"
-    rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2 and r["run_id"] != profiled
-                         and r["git_rev"][:7] in ("2017c41", "6ef7c07", "d8b41d4"))
-    assert len(rows) == 9
+    profiled = {"compare-llama-7b-20261130-133516-lorasp-mbs1-r0", "s13-reuse25-llama-65b-zero3-mbs1-torchrun"}
+    rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2 and r["run_id"] not in profiled
+                         and r["git_rev"][:7] in ("2017c41", "6ef7c07", "d8b41d4", "4792f5f"))
+    assert len(rows) == 14
     in_sample = {r["run_id"] for r in rows if r["git_rev"] == "d8b41d4" and r["ds_config"] == "zero3"}
-    assert len(in_sample) == 4 and len(rows) - len(in_sample) == 5
+    assert len(in_sample) == 4 and len(rows) - len(in_sample) == 10
     for r in rows:
         p = record_plan(r)
         predicted = p.host_total
