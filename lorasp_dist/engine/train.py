@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig
@@ -467,7 +468,10 @@ class Recipe:
                 # Position ids restart at each packed example; with no attention mask and no KV cache transformers
                 # turns them into a block-diagonal mask (data.PackedDataset).
                 loss = self.engine(**batch, use_cache=False, num_items_in_batch=per_micro_batch).loss
-            with self.tracker.phase("backward", self.step):
+            # CUDA memory history crashes checkpointing's early-stopped recompute in torch 2.11 ("apply ... returned
+            # NULL", pytorch/pytorch#179536; seen at 65B): a run that records it recomputes each layer whole.
+            early_stop = set_checkpoint_early_stop(not self.cfg.memory.record_history_steps)
+            with self.tracker.phase("backward", self.step), early_stop:
                 self.engine.backward(loss)
             with self.tracker.phase("step", self.step):
                 self.engine.step()
