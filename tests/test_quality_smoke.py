@@ -15,8 +15,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lorasp_dist.config import DataConfig
-from lorasp_dist.data import load_tokenizer, train_tokenizer
+from lorasp_dist.data import build_datasets, load_tokenizer, micro_batch_indices, train_tokenizer
 from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp, lorasp_layers
+from lorasp_dist.model.quant import make_linear4bit, quantize_nf4
 from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +33,20 @@ def write_tasks(root: Path, n: int = 40) -> Path:
         (tasks / name).mkdir(parents=True)
         (tasks / name / "task.json").write_text(json.dumps({"name": name, "examples": examples}))
     return root
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    return quality
+
+
+def run_quality(args: list[str]) -> subprocess.CompletedProcess:
+    # One thread: the tiny model gains nothing from more, and on a shared CPU spinning threads cost seconds a run.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +117,7 @@ def test_quality_smoke_runs_every_variant(tmp_path, tiny_base):
 
 def test_merged_adapter_scores_like_the_wrapped_one(tiny_base):
     """quality.py evaluates adapters merged into the base: the logits must be those of the wrapped model."""
-    spec = importlib.util.spec_from_file_location("quality", REPO / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_quality()
     model = apply_lorasp(LlamaForCausalLM.from_pretrained(tiny_base), LoRASPConfig(r=4, alpha=8, seed=1))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -118,3 +131,52 @@ def test_merged_adapter_scores_like_the_wrapped_one(tiny_base):
     assert not lorasp_layers(model)  # plain nn.Linear again
     assert (wrapped - bare).abs().max() > 1e-3  # the adapter does change the outputs
     torch.testing.assert_close(merged, wrapped, rtol=1e-4, atol=1e-4)
+
+
+def first_batch(quality, args: list[str], task: str) -> dict:
+    """The rows quality.py trains on at step 0 of seed 0, rebuilt with the script's own settings."""
+    a = quality.parse_args(args)
+    tasks = quality.prepare_tasks([task], Path(a.work), None)
+    base = Path(a.base)
+    rows = build_datasets(quality.run_config(a, base, tasks[task], 1e-3), load_tokenizer(base))[0]
+    return rows[micro_batch_indices(len(rows), a.seeds[0], 0, a.batch_size, 0, 1, 1)[0]]
+
+
+def loss_on(model, batch: dict) -> float:
+    with torch.no_grad():
+        return model(**batch, use_cache=False).loss.item()
+
+
+def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base):
+    """--base-4bit: the first step's loss (B = 0, so the base's own) is that of the dense checkpoint with every
+    decoder linear put through quantize_nf4 + make_linear4bit by hand, not the dense model's."""
+    bb, out = write_tasks(tmp_path), tmp_path / "results"
+    args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
+            "--tasks", "toy_parity", "--variants", "lorasp", "--steps", "2", "--lrs", "adapter=1e-3"]
+    refused = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit", "--variants", "full"])
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --variants = full:"), refused.stderr
+    proc = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
+              if json.loads(line)["variant"] == "lorasp"]
+
+    quality = load_quality()
+    batch = first_batch(quality, args, "toy_parity")
+    dense = LlamaForCausalLM.from_pretrained(tiny_base)
+    dense_loss = loss_on(dense, batch)
+    for layer in dense.model.layers:
+        for name, m in list(layer.named_modules()):
+            if isinstance(m, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                nf4 = make_linear4bit(quantize_nf4(m.weight.detach().to(torch.bfloat16)), "cpu")
+                setattr(layer.get_submodule(parent), child, nf4)
+    by_hand = loss_on(dense, batch)
+    assert abs(by_hand - dense_loss) > 1e-4  # quantization does move the loss
+    assert run["train_loss_first"] == pytest.approx(by_hand, abs=1e-5)
+    assert len(run["loss_curve"]) == 2 and 0 <= run["test"] <= 1
+
+    # The 4-bit runs have their own settings key: a dense study in the same folder never resumes them.
+    dense_run = run_quality([*args, "--out", str(out), "--resume"])
+    assert dense_run.returncode == 0 and "runs to do" in dense_run.stdout
+    keys = {json.loads(line)["settings_key"] for line in (out / "runs.jsonl").read_text().splitlines()}
+    assert len(keys) == 2
