@@ -301,7 +301,10 @@ def optimizer_and_step(model, params, lr, weight_decay, grad_clip, a, device, fi
 
     def forward_backward(batch: dict, cache: bool) -> torch.Tensor:
         with autocast(a.precision, cache):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+            # The packed rows' position ids restart at every example, and from them transformers masks attention
+            # block-diagonally, as in the engine's step: without them a row's examples would see each other.
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                         use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         return loss.detach()
@@ -373,6 +376,9 @@ def settings_of(a, base: Path, precision: str) -> dict:
         "max_eval": a.max_eval, "max_new_tokens": a.max_new_tokens, "r": a.rank, "alpha": a.alpha,
         "ratio": a.ratio, "resample_every": a.resample_every, "warmup_fraction": WARMUP_FRACTION,
         "precision": precision, "lrs": a.lrs,
+        # The committed study (before this field) trained without the position ids: its packed examples attended
+        # to each other. Runs since never share its key.
+        "packing": "per-example positions",
         **({"base_4bit": True} if a.base_4bit else {}),  # absent when off: the committed dense runs keep their key
     }
 

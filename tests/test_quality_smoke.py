@@ -180,3 +180,24 @@ def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base):
     assert dense_run.returncode == 0 and "runs to do" in dense_run.stdout
     keys = {json.loads(line)["settings_key"] for line in (out / "runs.jsonl").read_text().splitlines()}
     assert len(keys) == 2
+
+
+def test_packed_examples_do_not_see_each_other(tmp_path, tiny_base):
+    """Rows pack several examples; the study must train on them as the engine does (position ids restarting at each
+    example, hence a block-diagonal mask), so its first-step loss is the loss with the rows' position ids."""
+    bb, out = write_tasks(tmp_path), tmp_path / "results"
+    args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
+            "--tasks", "toy_parity", "--variants", "lora", "--steps", "1", "--lrs", "adapter=1e-3",
+            "--max-seq-len", "160"]
+    proc = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["variant"] == "lora"]
+
+    batch = first_batch(load_quality(), args, "toy_parity")
+    restarts = (batch["position_ids"][:, 1:] == 0) & (batch["labels"][:, 1:] != -100).cumsum(1).flip(1).bool()
+    assert restarts.any()  # a second example starts inside a row, before its scored end
+    model = LlamaForCausalLM.from_pretrained(tiny_base)
+    packed = loss_on(model, batch)
+    leaking = loss_on(model, {k: v for k, v in batch.items() if k != "position_ids"})
+    assert abs(packed - leaking) > 1e-4
+    assert run["train_loss_first"] == pytest.approx(packed, abs=1e-5)
