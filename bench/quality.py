@@ -5,6 +5,7 @@
     python bench/quality.py ... --resume --time-budget 540                     # continue it, stop before 9 minutes
     python bench/quality.py --smoke --bigbench-dir DIR --base DIR --out /tmp/q # CI-sized: 2 tasks, 1 seed, few steps
     python bench/quality.py ... --base-4bit --out DIR2                         # the base in NF4, as the engine loads it
+    python bench/quality.py ... --eval-every 50                                # validation curves: curves.png
 
 Variants: lorasp (ratio 0.5, fixed masks), lora, lora-fa, full (the whole 135M model) and lorasp-resample (masks
 redrawn every --resample-every steps), plus the zero-shot base as a reference. The protocol is the same for every
@@ -18,7 +19,9 @@ forward_with_lora; the adapters stay unmerged for evaluation (a 4-bit weight can
 scores an adapter on the NF4 base. `full` needs a dense base, so it is left out.
 
 Outputs under --out: runs.jsonl (append-only, one object per run; --resume skips what it already holds),
-summary.json/.md and sweep.json/.md (via results_io), quality.png, and the results section of README.md.
+summary.json/.md and sweep.json/.md (via results_io), quality.png, and the results section of README.md. With
+--eval-every N every run also scores the validation split every N steps and at its end (a `curve` of {step, tokens,
+val} in its record; the zero-shot record holds the point at 0 tokens), charted in curves.png.
 """
 
 from __future__ import annotations
@@ -248,17 +251,23 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
 
     opt, train_step, graphed = optimizer_and_step(model, params, lr, t.weight_decay, t.grad_clip, a, device,
                                                   batch_at(0))
+    tokens_per_step = t.micro_batch_size * a.max_seq_len
+    curve, eval_s = [], 0.0  # validation points along the run; the seconds they took, kept out of tokens/s
     t0 = time.perf_counter()
     for step in range(t.max_steps):
         if step == timed_from:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, eval_s = time.perf_counter(), 0.0
         losses[step] = train_step(batch_at(step), lr_at(step, cfg))
         if resample and (step + 1) % resample == 0 and step + 1 < t.max_steps:
             resample_masks(model, opt)  # state follows the entries that stay trainable, starts at 0 for new ones
+        if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < t.max_steps:
+            _sync(device)
+            e0 = time.perf_counter()
+            curve.append(curve_point(step + 1, tokens_per_step, score(model, tok, task["val"], task["metric"], a)))
+            eval_s += time.perf_counter() - e0
     _sync(device)
-    train_s = time.perf_counter() - t0
-    tokens_per_step = t.micro_batch_size * a.max_seq_len
+    train_s = time.perf_counter() - t0 - eval_s
     losses = losses.float().cpu()
     tail = max(1, t.max_steps // 10)
     record = {
@@ -285,10 +294,17 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
     if with_val:  # the learning rate is chosen on validation; test is recorded for every rate, never used to choose
         record["val"] = score(model, tok, task["val"], task["metric"], a)
         record["val_loss"] = score(model, tok, task["val"], "loss", a)
+    if a.eval_every:
+        val = record["val"] if with_val else score(model, tok, task["val"], task["metric"], a)
+        record["curve"] = [*curve, curve_point(t.max_steps, tokens_per_step, val)]
     record["test"] = score(model, tok, task["test"], task["metric"], a)
     record["wall_s"] = time.perf_counter() - start
     del model
     return record
+
+
+def curve_point(step: int, tokens_per_step: int, val: float) -> dict:
+    return {"step": step, "tokens": step * tokens_per_step, "val": val}
 
 
 def optimizer_and_step(model, params, lr, weight_decay, grad_clip, a, device, first_batch):
@@ -380,6 +396,7 @@ def settings_of(a, base: Path, precision: str) -> dict:
         # to each other. Runs since never share its key.
         "packing": "per-example positions",
         **({"base_4bit": True} if a.base_4bit else {}),  # absent when off: the committed dense runs keep their key
+        **({"eval_every": a.eval_every} if a.eval_every else {}),  # runs without curves never complete a chart
     }
 
 
@@ -586,6 +603,51 @@ def plot(summary: dict, tasks: dict, variants: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def mean_curves(summary: dict, done: dict, tasks: dict, variants: list[str]) -> dict[tuple, list[tuple]]:
+    """(task, variant) -> [(tokens, mean validation metric over seeds)] of the runs at the chosen rate, with the
+    zero-shot base as the point at 0 tokens. Only the points every seed reached count (a call cut short is partial)."""
+    out = {}
+    for row in summary["rows"]:
+        n, v = row["task"], row["variant"]
+        if n not in tasks or v not in variants:
+            continue
+        runs = [r for r in done.values() if r["task"] == n and r["variant"] == v and r["lr"] == row["lr"]
+                and r.get("curve")]
+        if not runs:
+            continue
+        steps = set.intersection(*({p["tokens"] for p in r["curve"]} for r in runs))
+        zero = done.get(run_key(n, "base", None, None), {}).get("curve", [])
+        mean = [(x, statistics.fmean(p["val"] for r in runs for p in r["curve"] if p["tokens"] == x))
+                for x in sorted(steps)]
+        out[n, v] = [(p["tokens"], p["val"]) for p in zero] + mean
+    return out
+
+
+def plot_curves(summary: dict, done: dict, tasks: dict, variants: list[str], path: Path) -> None:
+    """Validation metric against training tokens, one panel per task, one line per variant (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = mean_curves(summary, done, tasks, variants)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False, constrained_layout=True)
+    for ax, n in zip(axes[0], tasks):
+        for v in variants:
+            if (n, v) in curves:
+                xs, ys = zip(*curves[n, v])
+                ax.plot(xs, [100 * y for y in ys], marker=".", label=v)
+        ax.set_title(f"{n} ({tasks[n]['metric']})", fontsize=10)
+        ax.set_xlabel("training tokens seen")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation metric (%), mean over seeds")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{summary['settings']['base']}: validation metric against tokens, at the rate chosen on "
+                 "validation", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _pts(m: float | None, sd: float | None = None) -> str:
     if m is None:
         return "n/a"
@@ -635,6 +697,8 @@ def readme_section(summary: dict, tasks: dict, variants: list[str], a) -> str:
             out.append(_pts(r["test_mean"], r["test_std"]) + lr)
         lines.append(f"| {'**average**' if n == 'average' else n} | " + " | ".join(out) + " |")
     lines += ["", "![per-task test metric, optimizer state and throughput](quality.png)", ""]
+    if a.eval_every:
+        lines += [f"![validation metric against training tokens (every {a.eval_every} steps)](curves.png)", ""]
 
     if cmp_ is not None:
         d, sd, rel = cmp_["lorasp_minus_lora_points"], cmp_["paired_std_points"], cmp_["relative_percent"]
@@ -703,6 +767,8 @@ def write_results(out: Path, done: dict, tasks: dict, a, settings: dict, planned
                          "rate); test_seed0 is recorded for every rate and never used to choose"])
     if any(r["task"] != "average" for r in summary["rows"]):
         plot(summary, tasks, a.variants, out / "quality.png")
+        if a.eval_every:
+            plot_curves(summary, done, tasks, a.variants, out / "curves.png")
         write_readme(out / "README.md", readme_section(summary, tasks, a.variants, a))
     return summary
 
@@ -730,6 +796,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--resample-every", type=int, help="steps between mask redraws for lorasp-resample")
+    p.add_argument("--eval-every", type=int, default=0, metavar="STEPS",
+                   help="score the validation split every STEPS steps and at the end of every run (curves.png)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--ratio", type=float, default=0.5)
@@ -751,6 +819,8 @@ def parse_args(argv=None):
             setattr(a, k, v)
     a.lrs = parse_lrs(a.lrs, SMOKE_LRS if a.smoke else LRS)
     a.tasks = a.tasks or (SMOKE_TASKS if a.smoke else DEFAULT_TASKS)
+    if a.eval_every < 0:
+        p.exit(2, f"error: --eval-every = {a.eval_every}: a number of steps >= 1, or 0 for no curves\n")
     if a.base_4bit and a.variants and "full" in a.variants:
         p.exit(2, "error: --variants = full: a 4-bit base cannot be fine-tuned whole; accepted with --base-4bit: "
                   f"{', '.join(v for v in VARIANTS if v != 'full')}\n")
@@ -836,8 +906,11 @@ def main(argv=None) -> int:
         if run_key(name, "base", None, None) not in done:
             t0 = time.perf_counter()
             test = score(base_model, tok, task["test"], task["metric"], a)
+            curve = ([curve_point(0, 0, score(base_model, tok, task["val"], task["metric"], a))]
+                     if a.eval_every else [])
             record({"task": name, "kind": task["kind"], "metric": task["metric"], "variant": "base", "seed": None,
-                    "lr": None, "phase": "zero-shot", "test": test, "wall_s": time.perf_counter() - t0})
+                    "lr": None, "phase": "zero-shot", "test": test, **({"curve": curve} if curve else {}),
+                    "wall_s": time.perf_counter() - t0})
         for v in a.variants:
             grid = a.lrs[family(v)]
             jobs = [(a.seeds[0], lr) for lr in grid] + [(s, None) for s in a.seeds[1:]]

@@ -201,3 +201,35 @@ def test_packed_examples_do_not_see_each_other(tmp_path, tiny_base):
     leaking = loss_on(model, {k: v for k, v in batch.items() if k != "position_ids"})
     assert abs(packed - leaking) > 1e-4
     assert run["train_loss_first"] == pytest.approx(packed, abs=1e-5)
+
+
+def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base):
+    bb, out = write_tasks(tmp_path), tmp_path / "results"
+    args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
+            "--bigbench-dir", str(bb), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp", "lora",
+            "--steps", "5", "--seeds", "0", "1", "--lrs", "adapter=1e-3"]
+    bad = run_quality([*args, "--eval-every", "-1"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --eval-every = -1: "), bad.stderr
+    proc = run_quality([*args, "--eval-every", "2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    (base,) = [r for r in runs if r["variant"] == "base"]
+    assert [p["tokens"] for p in base["curve"]] == [0]
+    trained = [r for r in runs if r["variant"] != "base"]
+    assert len(trained) == 4  # two variants x (one rate + a second seed)
+    per_step = 2 * 64  # the smoke's batch x sequence length
+    for r in trained:
+        assert [(p["step"], p["tokens"]) for p in r["curve"]] == [(s, s * per_step) for s in (2, 4, 5)]
+        assert all(0 <= p["val"] <= 1 for p in r["curve"])
+        if "val" in r:  # the last point is the run's own validation score
+            assert r["curve"][-1]["val"] == r["val"]
+    # The chart's line: the zero-shot point, then the mean over the two seeds at every step.
+    quality = load_quality()
+    done = {quality.run_key(r["task"], r["variant"], r["seed"], r["lr"]): r for r in runs}
+    summary = json.loads((out / "summary.json").read_text())
+    curves = quality.mean_curves(summary, done, {"toy_parity": {}}, ["lorasp", "lora"])
+    lora = [r["curve"] for r in trained if r["variant"] == "lora"]
+    assert curves["toy_parity", "lora"] == [(0, base["curve"][0]["val"])] + [
+        (a["tokens"], (a["val"] + b["val"]) / 2) for a, b in zip(*lora)]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "curves.png" in (out / "README.md").read_text()
