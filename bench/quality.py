@@ -6,6 +6,7 @@
     python bench/quality.py --smoke --bigbench-dir DIR --base DIR --out /tmp/q # CI-sized: 2 tasks, 1 seed, few steps
     python bench/quality.py ... --base-4bit --out DIR2                         # the base in NF4, as the engine loads it
     python bench/quality.py ... --eval-every 50                                # validation curves: curves.png
+    CUDA_VISIBLE_DEVICES=I python bench/quality.py ... --resume --shard I/N    # N processes share the runs
 
 Variants: lorasp (ratio 0.5, fixed masks), lora, lora-fa, full (the whole 135M model) and lorasp-resample (masks
 redrawn every --resample-every steps), plus the zero-shot base as a reference. The protocol is the same for every
@@ -22,6 +23,11 @@ Outputs under --out: runs.jsonl (append-only, one object per run; --resume skips
 summary.json/.md and sweep.json/.md (via results_io), quality.png, and the results section of README.md. With
 --eval-every N every run also scores the validation split every N steps and at its end (a `curve` of {step, tokens,
 val} in its record; the zero-shot record holds the point at 0 tokens), charted in curves.png.
+
+--shard I/N: the process runs every N-th run of the study's fixed run list, starting at the I-th, so N processes (one
+per GPU, or several on one) split the study. They append to one runs.jsonl under a file lock, and a seed run needs
+its (task, variant)'s whole sweep, which other shards may still be running: the same commands again with --resume do
+what was left. Shards write no summary; a last call without --shard (and --resume) writes it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
 import gc
 import hashlib
 import json
@@ -408,12 +415,22 @@ def run_key(task: str, variant: str, seed: int | None, lr: float | None) -> tupl
     return task, variant, seed, lr
 
 
+def append_line(path: Path, line: str) -> None:
+    """One whole line at the end of `path`, under an exclusive lock: shards append to the same runs.jsonl."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.write(line + "\n")
+
+
 def read_runs(path: Path, key: str) -> dict[tuple, dict]:
     """The records of runs.jsonl made with these settings, by (task, variant, seed, lr)."""
     if not path.is_file():
         return {}
     out = {}
-    for line in path.read_text().splitlines():
+    with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_SH)  # never a line that another shard is halfway through writing
+        text = f.read()
+    for line in text.splitlines():
         if line.strip():
             r = json.loads(line)
             if r.get("settings_key") == key:
@@ -811,6 +828,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help=f"results folder (default {RESULTS / 'quality'}; with --smoke: WORK/smoke)")
     p.add_argument("--resume", action="store_true", help="skip the runs runs.jsonl already holds")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; start no run that would end after it")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run only every N-th run of the study, from the I-th (0 <= I < N): N processes split it")
     p.add_argument("--prepare-only", action="store_true", help="import the tasks (and --gguf) into --work, then stop")
     p.add_argument("--smoke", action="store_true", help="CI-sized: 2 tasks, 1 seed, a few steps, tiny eval caps")
     a = p.parse_args(argv)
@@ -819,6 +838,10 @@ def parse_args(argv=None):
             setattr(a, k, v)
     a.lrs = parse_lrs(a.lrs, SMOKE_LRS if a.smoke else LRS)
     a.tasks = a.tasks or (SMOKE_TASKS if a.smoke else DEFAULT_TASKS)
+    i, _, n = a.shard.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        p.exit(2, f"error: --shard = {a.shard}: I/N with whole numbers 0 <= I < N\n")
+    a.shard = (int(i), int(n))
     if a.eval_every < 0:
         p.exit(2, f"error: --eval-every = {a.eval_every}: a number of steps >= 1, or 0 for no curves\n")
     if a.base_4bit and a.variants and "full" in a.variants:
@@ -879,8 +902,7 @@ def main(argv=None) -> int:
     def record(r: dict) -> None:
         r = {"study": "quality", **{k: ctx[k] for k in ("run_id", "date", "git_rev", "device", "command")},
              "settings_key": key, **r}
-        with open(runs_path, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        append_line(runs_path, json.dumps(r))
         done[run_key(r["task"], r["variant"], r["seed"], r["lr"])] = r
         walls.append(r["wall_s"])
         left = runs_left(done, tasks, a)
@@ -897,13 +919,20 @@ def main(argv=None) -> int:
             return False
         return time.perf_counter() - started + max(walls) > a.time_budget
 
+    job = -1  # the run's place in the study's fixed run list, which --shard splits
+
+    def mine() -> bool:
+        nonlocal job
+        job += 1
+        return job % a.shard[1] == a.shard[0]
+
     stopped = False
     for name, task in tasks.items():
         stopped = stopped or over_budget()
         if stopped:
             break
         rows = None
-        if run_key(name, "base", None, None) not in done:
+        if mine() and run_key(name, "base", None, None) not in done:
             t0 = time.perf_counter()
             test = score(base_model, tok, task["test"], task["metric"], a)
             curve = ([curve_point(0, 0, score(base_model, tok, task["val"], task["metric"], a))]
@@ -915,6 +944,10 @@ def main(argv=None) -> int:
             grid = a.lrs[family(v)]
             jobs = [(a.seeds[0], lr) for lr in grid] + [(s, None) for s in a.seeds[1:]]
             for seed, lr in jobs:
+                if not mine():
+                    continue
+                if lr is None and a.shard[1] > 1:  # the sweep's runs of other shards, finished since the start
+                    done.update(read_runs(runs_path, key))
                 lr = lr if lr is not None else best_lr(done, name, v, a.seeds[0], grid)
                 if lr is None or run_key(name, v, seed, lr) in done:
                     continue
@@ -933,6 +966,11 @@ def main(argv=None) -> int:
             if stopped:
                 break
     wall = time.perf_counter() - started
+    if a.shard[1] > 1:  # the other shards are still writing: the summary is for a call without --shard
+        print(f"[quality] shard {a.shard[0]}/{a.shard[1]} done in {wall / 60:.1f} min"
+              + (" (stopped by --time-budget)" if stopped else "") + "; when every shard is, run the same command "
+              "again with --resume (the seed runs whose sweep was unfinished), then without --shard", flush=True)
+        return 0
     summary = write_results(out, done, tasks, a, settings, planned, run_id)
     if stopped:
         print(f"[quality] stopped by --time-budget after {wall / 60:.1f} min: {runs_left(done, tasks, a)} runs left; "

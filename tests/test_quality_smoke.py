@@ -233,3 +233,33 @@ def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base):
         (a["tokens"], (a["val"] + b["val"]) / 2) for a, b in zip(*lora)]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "curves.png" in (out / "README.md").read_text()
+
+
+def test_two_shards_share_one_runs_file(tmp_path, tiny_base):
+    """--shard 0/2 and 1/2 at the same time: every line of runs.jsonl whole, no run done twice; a second round does
+    the seed runs whose sweep the other shard had not finished, and a call without --shard then finds the study
+    complete."""
+    bb, out = write_tasks(tmp_path), tmp_path / "results"
+    args = [sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--device", "cpu", "--base",
+            str(tiny_base), "--work", str(tmp_path / "work"), "--bigbench-dir", str(bb), "--out", str(out),
+            "--tasks", "toy_parity", "--variants", "lorasp", "lora", "--steps", "2", "--seeds", "0", "1", "--resume"]
+    bad = run_quality([*args[2:], "--shard", "2/2"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --shard = 2/2: "), bad.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def both_shards() -> None:
+        procs = [subprocess.Popen([*args, "--shard", f"{i}/2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        for p in procs:
+            log = p.communicate(timeout=300)[0]
+            assert p.returncode == 0 and "when every shard is" in log, log[-3000:]
+
+    both_shards()
+    both_shards()  # picks up whatever seed run waited on the other shard's sweep
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]  # every line parses
+    keys = [(r["task"], r["variant"], r["seed"], r["lr"]) for r in runs]
+    assert len(keys) == len(set(keys)) == 1 + 2 * (2 + 1)  # zero-shot + 2 variants x (2 rates + 1 more seed)
+    assert not (out / "summary.json").exists()  # shards leave the summary to the last call
+    final = run_quality([*args[2:]])
+    assert final.returncode == 0 and "0 runs to do" in final.stdout, final.stdout[-3000:] + final.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["complete"]
