@@ -202,6 +202,17 @@ def score(model, tok, records: list[dict], metric: str, a) -> float:
                         max_new_tokens=a.max_new_tokens)["value"]
 
 
+def score_midway(model, tok, task: dict, a) -> float:
+    """The validation metric of a run in progress, scored as its end is: on a merged copy (the dense base), so a
+    point costs what the final score does; the 4-bit base cannot be merged, and is scored wrapped as at the end."""
+    if a.base_4bit:
+        return score(model, tok, task["val"], task["metric"], a)
+    merged = merge_adapters(copy.deepcopy(model))
+    value = score(merged, tok, task["val"], task["metric"], a)
+    del merged
+    return value
+
+
 def b_zero_fraction(model) -> float | None:
     """Share of B's entries that are exactly zero. B starts at zero, so with a fixed mask its frozen half stays zero."""
     from lorasp_dist.lorasp import lorasp_layers
@@ -271,7 +282,7 @@ def train_run(base_model, tok, rows, task: dict, variant: str, seed: int, lr: fl
         if a.eval_every and (step + 1) % a.eval_every == 0 and step + 1 < t.max_steps:
             _sync(device)
             e0 = time.perf_counter()
-            curve.append(curve_point(step + 1, tokens_per_step, score(model, tok, task["val"], task["metric"], a)))
+            curve.append(curve_point(step + 1, tokens_per_step, score_midway(model, tok, task, a)))
             eval_s += time.perf_counter() - e0
     _sync(device)
     train_s = time.perf_counter() - t0 - eval_s
