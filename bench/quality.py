@@ -419,7 +419,9 @@ def settings_of(a, base: Path, precision: str) -> dict:
 
 
 def settings_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    # Not the grid: a run at a rate is the same run in any grid, so a grid widened at an edge keeps its runs.
+    kept = {k: v for k, v in settings.items() if k != "lrs"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_key(task: str, variant: str, seed: int | None, lr: float | None) -> tuple:

@@ -263,3 +263,15 @@ def test_two_shards_share_one_runs_file(tmp_path, tiny_base):
     final = run_quality([*args[2:]])
     assert final.returncode == 0 and "0 runs to do" in final.stdout, final.stdout[-3000:] + final.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["complete"]
+
+
+def test_settings_key_keeps_runs_across_a_wider_grid():
+    quality = load_quality()
+    a = quality.parse_args(["--smoke", "--base", "b"])
+    wider = quality.parse_args(["--smoke", "--base", "b", "--lrs", "adapter=3e-4,1e-3,3e-3,1e-2"])
+    key = quality.settings_key(quality.settings_of(a, Path("b"), "fp32"))
+    assert quality.settings_key(quality.settings_of(wider, Path("b"), "fp32")) == key
+    longer = quality.parse_args(["--smoke", "--base", "b", "--steps", "60"])
+    assert quality.settings_key(quality.settings_of(longer, Path("b"), "fp32")) != key
+    nf4 = quality.parse_args(["--smoke", "--base", "b", "--base-4bit"])
+    assert quality.settings_key(quality.settings_of(nf4, Path("b"), "fp32")) != key
