@@ -1,8 +1,9 @@
 """`lorasp slurm` against a real single-node SLURM (munged, slurmctld, slurmd started by tests/slurm_cluster.py).
 
-Four jobs are queued together and two share the node at a time (1 CPU each, 2 workers of half a CPU), so their Ray
-clusters must keep apart: per-job temp dirs and ports. One runs tiny.yaml to the end; one gets USR1 mid-run,
-checkpoints, requeues itself and resumes in the same run directory; one is cancelled mid-run; one's loss goes NaN.
+Four jobs are queued together and share the node at once (1 CPU each, 2 workers of half a CPU, on a node that offers
+SLURM 4 CPUs), so their Ray clusters must keep apart: per-job temp dirs and ports. One runs tiny.yaml to the end; one
+gets USR1 mid-run, checkpoints, requeues itself and resumes in the same run directory; one is cancelled mid-run; one's
+loss goes NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
-HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: both jobs fit the 2-CPU node together
+HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: the four jobs fit the 4-CPU node together
+NODE_CPUS = 4  # what the node offers SLURM, more than a 2-core host has: the four jobs run at once, not in two rounds
 PREEMPT = ("train.max_steps=40", "train.save_every=10", "train.eval_every=0")
 JOB_TIMEOUT_S = 420
 
@@ -185,7 +187,7 @@ def cluster(tmp_path_factory):
         pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}): run .ci/setup as root")
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=NODE_CPUS) as c:
         yield c
 
 
