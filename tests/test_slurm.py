@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
 HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: the four jobs fit the 4-CPU node together
 NODE_CPUS = 4  # what the node offers SLURM, more than a 2-core host has: the four jobs run at once, not in two rounds
-PREEMPT = ("train.max_steps=40", "train.save_every=10", "train.eval_every=0")
+PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
+PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
 JOB_TIMEOUT_S = 420
 
 
@@ -200,7 +201,8 @@ def jobs(cluster, seed_tiny, tmp_path_factory):
         return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out}", *HALF_CPU, *overrides,
                                 env=cluster.env))
 
-    queued = {"full": submit("full"), "preempted": submit("preempted", *PREEMPT),
+    # the preempted job first: it runs twice, the longest of them
+    queued = {"preempted": submit("preempted", *PREEMPT), "full": submit("full"),
               "cancelled": submit("cancelled", *PREEMPT), "nan": submit("nan", *EXPLODE)}
     signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
                "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
@@ -210,7 +212,7 @@ def jobs(cluster, seed_tiny, tmp_path_factory):
 
 
 class SignalMidRun(threading.Thread):
-    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 40
+    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 20
     steps. `check()` waits for it and raises what went wrong, if anything."""
 
     def __init__(self, cluster: SlurmCluster, job: str, run_dir: Path, *options: str):
@@ -303,10 +305,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
     assert cluster.job_field(job, "Restarts") == "1"
     log = Path(f"{run_dir}.slurm-{job}.out").read_text()
     stopped = int(re.search(r"\[lorasp\] stopped at step (\d+) \(SIGUSR1\)", log)[1])
-    assert stopped < 40 and f"requeued job {job}" in log and "(restart 1)" in log
+    assert stopped < PREEMPT_STEPS and f"requeued job {job}" in log and "(restart 1)" in log
     steps = steps_logged(run_dir)
     redone = sum(n - 1 for n in Counter(steps).values())
-    assert sorted(set(steps)) == list(range(1, 41)) and redone <= 10, steps  # at most one checkpoint interval
+    assert sorted(set(steps)) == list(range(1, PREEMPT_STEPS + 1)) and redone <= SAVE_EVERY, steps  # one interval
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
