@@ -1,10 +1,13 @@
-"""Shared test set-up: one DeepSpeed extension cache for the whole run, CPU DeepSpeed, offline hubs; the tiny preset's
-tokenizer and base built once; one Ray cluster for the tests that join one with `--address`."""
+"""Shared test set-up: one DeepSpeed extension cache for the whole run, its ops built in the background while the quick
+tests run first, CPU DeepSpeed, offline hubs; the tiny preset's tokenizer and base built once; one Ray cluster for the
+tests that join one with `--address`."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,19 +24,36 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_ops_build: subprocess.Popen | None = None
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _ops_build is not None:
+        _ops_build.wait()  # never cut short: a build killed mid-way leaves torch's lock file, which later loads wait on
     write_fault_table()
 
 
 def pytest_collection_modifyitems(config, items):
+    # The quick tests first (a stable sort: the slow ones keep their order), while DeepSpeed's ops build for the others.
+    items.sort(key=lambda item: "slow" in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """A session with DeepSpeed runs (the `slow` tests) builds DeepSpeed's JIT ops in the background (tests/ds_ops.py),
+    once, into the one TORCH_EXTENSIONS_DIR; when they are built already it only loads them."""
+    global _ops_build
+    if any("slow" in item.keywords for item in session.items):
+        ext_dir = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+        ext_dir.mkdir(parents=True, exist_ok=True)
+        with open(ext_dir / "ds_ops.log", "ab") as out:
+            _ops_build = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ds_ops.py"))], cwd=REPO,
+                                          stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="session")

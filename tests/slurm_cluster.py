@@ -36,6 +36,8 @@ class SlurmCluster:
     """`with SlurmCluster() as c: subprocess.run(["sbatch", ...], env=c.env)`."""
 
     def __init__(self, root: Path | None = None, cpus: int | None = None):
+        """`cpus`: the CPUs the node offers SLURM, the host's by default; more oversubscribes the host, so that more
+        jobs run at once (SlurmdParameters=config_overrides)."""
         # Short path: munge and Ray sockets live below it and unix socket paths are limited to 107 bytes.
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.cpus = cpus or os.cpu_count() or 1
@@ -99,6 +101,8 @@ SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# The node is what this file says, even with more CPUs than the host has (cpus=...): it is not drained for it.
+SlurmdParameters=config_overrides
 JobRequeue=1
 MinJobAge=600
 # SLURM's default: a cancelled job's ranks checkpoint between its SIGTERM and its SIGKILL.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two real DeepSpeed runs
 
 # tiny: hidden 128, intermediate 256, 4 layers; r = 16 on the 7 projections. Entries of A (r x in) and B (out x r):
 #   q, k, v, o: A 16·128 = 2048, B 128·16 = 2048;  gate, up: A 2048, B 256·16 = 4096;  down: A 16·256 = 4096, B 2048

@@ -123,19 +123,19 @@ def check_redraws(ranks: dict) -> dict[str, int]:
                                  "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
     ("zero3_offload_all", ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
 ])
-def test_redraw_keeps_values_and_moves_optimizer_state(tmp_path, ds_config, extra):
-    ranks = probed_run(tmp_path, ds_config, f"deepspeed.config={ds_config}", *extra)
+def test_redraw_keeps_values_and_moves_optimizer_state(tiny_out, ds_config, extra):
+    ranks = probed_run(tiny_out, ds_config, f"deepspeed.config={ds_config}", *extra)
     counts = check_redraws(ranks)
     print(f"{ds_config}: {counts}")
     assert (counts["whole_copies"] > 0) == (ds_config == "zero3")
 
 
-def test_resume_across_a_redraw_matches_uninterrupted(tmp_path):
+def test_resume_across_a_redraw_matches_uninterrupted(tiny_out):
     """Stopped after step 4 (masks of round 1, a redraw due before step 5) and continued to step 6: the same adapter,
     bit for bit, as one run of 6 steps. The schedule is constant, so that max_steps changes no learning rate."""
-    whole = train(tmp_path, "whole", *COMMON, "train.save_every=2")
-    train(tmp_path, "resumed", *COMMON, "train.save_every=2", "train.max_steps=4")
-    resumed = train(tmp_path, "resumed", *COMMON, "train.save_every=2")
+    whole = train(tiny_out, "whole", *COMMON, "train.save_every=2")
+    train(tiny_out, "resumed", *COMMON, "train.save_every=2", "train.max_steps=4")
+    resumed = train(tiny_out, "resumed", *COMMON, "train.save_every=2")
     for step in (4, 6):
         a = load_file(ckpt.step_dir(whole, step) / "lorasp.safetensors")
         b = load_file(ckpt.step_dir(resumed, step) / "lorasp.safetensors")
@@ -149,7 +149,7 @@ def test_resume_across_a_redraw_matches_uninterrupted(tmp_path):
 
     # Continued with another lorasp.resample_every, the run would train on masks the checkpoint never held: refused.
     saved = digest(whole / "checkpoints")
-    cmd = torchrun(str(TINY), f"train.output_dir={tmp_path}", "train.run_name=whole", *COMMON,
+    cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=whole", *COMMON,
                    "lorasp.resample_every=3")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode != 0

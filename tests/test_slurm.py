@@ -1,8 +1,9 @@
 """`lorasp slurm` against a real single-node SLURM (munged, slurmctld, slurmd started by tests/slurm_cluster.py).
 
-Four jobs are queued together and two share the node at a time (1 CPU each, 2 workers of half a CPU), so their Ray
-clusters must keep apart: per-job temp dirs and ports. One runs tiny.yaml to the end; one gets USR1 mid-run,
-checkpoints, requeues itself and resumes in the same run directory; one is cancelled mid-run; one's loss goes NaN.
+Four jobs are queued together and share the node at once (1 CPU each, 2 workers of half a CPU, on a node that offers
+SLURM 4 CPUs), so their Ray clusters must keep apart: per-job temp dirs and ports. One runs tiny.yaml to the end; one
+gets USR1 mid-run, checkpoints, requeues itself and resumes in the same run directory; one is cancelled mid-run; one's
+loss goes NaN.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
-HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: both jobs fit the 2-CPU node together
-PREEMPT = ("train.max_steps=40", "train.save_every=10", "train.eval_every=0")
+HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: the four jobs fit the 4-CPU node together
+NODE_CPUS = 4  # what the node offers SLURM, more than a 2-core host has: the four jobs run at once, not in two rounds
+PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
+PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
 JOB_TIMEOUT_S = 420
 
 
@@ -185,7 +188,7 @@ def cluster(tmp_path_factory):
         pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}): run .ci/setup as root")
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=NODE_CPUS) as c:
         yield c
 
 
@@ -198,7 +201,8 @@ def jobs(cluster, seed_tiny, tmp_path_factory):
         return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out}", *HALF_CPU, *overrides,
                                 env=cluster.env))
 
-    queued = {"full": submit("full"), "preempted": submit("preempted", *PREEMPT),
+    # the preempted job first: it runs twice, the longest of them
+    queued = {"preempted": submit("preempted", *PREEMPT), "full": submit("full"),
               "cancelled": submit("cancelled", *PREEMPT), "nan": submit("nan", *EXPLODE)}
     signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
                "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
@@ -208,7 +212,7 @@ def jobs(cluster, seed_tiny, tmp_path_factory):
 
 
 class SignalMidRun(threading.Thread):
-    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 40
+    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 20
     steps. `check()` waits for it and raises what went wrong, if anything."""
 
     def __init__(self, cluster: SlurmCluster, job: str, run_dir: Path, *options: str):
@@ -301,10 +305,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
     assert cluster.job_field(job, "Restarts") == "1"
     log = Path(f"{run_dir}.slurm-{job}.out").read_text()
     stopped = int(re.search(r"\[lorasp\] stopped at step (\d+) \(SIGUSR1\)", log)[1])
-    assert stopped < 40 and f"requeued job {job}" in log and "(restart 1)" in log
+    assert stopped < PREEMPT_STEPS and f"requeued job {job}" in log and "(restart 1)" in log
     steps = steps_logged(run_dir)
     redone = sum(n - 1 for n in Counter(steps).values())
-    assert sorted(set(steps)) == list(range(1, 41)) and redone <= 10, steps  # at most one checkpoint interval
+    assert sorted(set(steps)) == list(range(1, PREEMPT_STEPS + 1)) and redone <= SAVE_EVERY, steps  # one interval
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -164,7 +164,7 @@ class Prepared(NamedTuple):
     tokenizer: object
     train_ds: object
     val_ds: object
-    base_path: Path
+    base_path: Path | None  # None: not looked up yet (early_data)
 
 
 def preflight(cfg: RunConfig) -> Prepared:
@@ -187,6 +187,20 @@ def preflight(cfg: RunConfig) -> Prepared:
     train_ds, val_ds = build_datasets(cfg, tokenizer)
     check_batch_fits(train_ds, cfg)
     return Prepared(tokenizer, train_ds, val_ds, ensure_base(cfg))
+
+
+def early_data(cfg: RunConfig) -> Prepared | None:
+    """On a rank other than 0: its tokenizer and data, built while rank 0 runs preflight() rather than after it, so
+    the two do not wait on each other (ranks may race to train a cached tokenizer: data.py). Not the base, which rank
+    0 may be writing. None if anything fails: it fails again after the barrier, once rank 0 has reported bad input in
+    one line."""
+    from lorasp_dist.data import build_datasets, ensure_tokenizer
+
+    try:
+        tokenizer = ensure_tokenizer(cfg)
+        return Prepared(tokenizer, *build_datasets(cfg, tokenizer), None)
+    except Exception:
+        return None
 
 
 # --- the recipe --------------------------------------------------------------------------------------------------
@@ -231,6 +245,8 @@ class Recipe:
         if prepared is None:
             tokenizer = ensure_tokenizer(cfg)
             prepared = Prepared(tokenizer, *build_datasets(cfg, tokenizer), ensure_base(cfg))
+        elif prepared.base_path is None:  # the data was built before the barrier (early_data), the base comes after it
+            prepared = prepared._replace(base_path=ensure_base(cfg))
         self.tokenizer, self.train_ds, self.val_ds, self.base_path = prepared
 
         self.ds_config = build_ds_config(cfg, self.world)
@@ -689,6 +705,8 @@ def train(cfg: RunConfig, claim: bool = True) -> Path:
             check_new_or_continued(run_dir, cfg.train.resume)
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = RunLock(run_dir)
+    else:
+        prepared = early_data(cfg)
     with lock:
         recipe = Recipe(cfg)
         try:
