@@ -377,8 +377,7 @@ def test_zero3_gathers_llama7b_by_hand():
     assert two.counts["retained_layers"] == 0 and two.gpu["zero3_gather_buffers"] == window
     # At DeepSpeed's default of 1e9 the last 5 layers stay gathered over the turn to backward (each adds 3 passes of
     # 4 × 4096² + 3 × 4096 × 11008 = 202,375,168 / 4 bf16-storage elements plus its adapters); the window is larger.
-    reuse_1e9 = "deepspeed.overrides.zero_optimization.stage3_max_reuse_distance=1000000000"
-    assert plan("llama-7b", 2, "deepspeed.config=zero3", reuse_1e9).counts["retained_layers"] == 5
+    assert plan("llama-7b", 2, "deepspeed.config=zero3", *REUSE_1E9).counts["retained_layers"] == 5
     # No prefetch, no window: only the reused layers and the head stay gathered.
     no_prefetch = plan("llama-7b", 2, "deepspeed.overrides={zero_optimization: "
                                       "{stage3_prefetch_bucket_size: 0, stage3_max_reuse_distance: 1000000000}}")
