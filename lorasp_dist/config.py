@@ -158,6 +158,11 @@ class DeepSpeedConfig(_Section):
     # module: every module on its own (DeepSpeed's default), a smaller live set. Without gradient checkpointing the
     # engine fetches per module either way (see engine/train.py).
     fetch: Literal["layer", "module"] = "layer"
+    # How many of ZeRO-3's fetches may be in flight before the host waits for the oldest (DeepSpeed fixes 2). Each
+    # all-gather ends only once the other ranks' hosts have issued theirs, so at 2 every rank's host waits for the
+    # slowest one layer after layer; more lets each host queue its compute ahead (a released gather stays reserved
+    # until the GPU has read it).
+    fetches_in_flight: int = Field(2, ge=1)
     overrides: dict[str, Any] = Field(default_factory=dict)  # merged into the JSON template, e.g. zero_optimization.*
 
 

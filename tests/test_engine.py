@@ -54,7 +54,7 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
 @pytest.mark.parametrize("ds_config, extra", [
     ("zero3", ["deepspeed.fetch=layer", "train.profile_steps=[3]"]),
     ("zero3_offload_optimizer", ["deepspeed.fetch=module"]),
-    ("zero3_offload_all", ["deepspeed.fetch=layer"]),
+    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16"]),
 ])
 def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
     run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=30", "train.save_every=0",
@@ -68,6 +68,7 @@ def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
         share = part["param_bytes_local"] / part["param_bytes_total"]
         print(f"{ds_config} rank {rank}: holds {share:.3f} of the parameters")
         assert 0.45 <= share <= 0.55  # its half of every ZeRO-3 partition (plus padding), never the whole model
+        assert part["fetches_in_flight"] == (16 if "deepspeed.fetches_in_flight=16" in extra else 2)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "memory_report.json").is_file()
     if "train.profile_steps=[3]" in extra:

@@ -289,6 +289,7 @@ class Recipe:
                 config=self.ds_config,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr),
             )
+        _set_fetches_in_flight(self.engine, cfg.deepspeed.fetches_in_flight)
         self._write_partition_record()
         self.step, self.sample_pos = 0, 0
         self._resume()
@@ -300,7 +301,9 @@ class Recipe:
         for p in self.engine.module.parameters():
             total += p.ds_numel * p.element_size()
             local += p.ds_tensor.numel() * p.ds_tensor.element_size()
-        record = {"rank": self.rank, "world_size": self.world, "param_bytes_total": total, "param_bytes_local": local}
+        coordinator = self.engine.optimizer.parameter_offload.get_param_coordinator()
+        record = {"rank": self.rank, "world_size": self.world, "param_bytes_total": total, "param_bytes_local": local,
+                  "fetches_in_flight": getattr(coordinator, _FETCH_EVENTS.format(type(coordinator).__name__))}
         path = self.run_dir / "partition" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -648,6 +651,19 @@ class Recipe:
         self._metrics.close()
         if self.tb is not None:
             self.tb.close()
+
+
+_FETCH_EVENTS = "_{}__max_ongoing_fetch_events"  # the name-mangled private attribute
+
+
+def _set_fetches_in_flight(engine, n: int) -> None:
+    """DeepSpeed has no setting for its fetch back-pressure (PartitionedParameterCoordinator's private
+    __max_ongoing_fetch_events); fail loudly if a DeepSpeed release renames it rather than set nothing."""
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    name = _FETCH_EVENTS.format(type(coordinator).__name__)
+    if not hasattr(coordinator, name):
+        raise RuntimeError(f"deepspeed.fetches_in_flight: this DeepSpeed's ZeRO-3 coordinator has no {name}")
+    setattr(coordinator, name, n)
 
 
 def _json_safe(record: dict) -> dict:
