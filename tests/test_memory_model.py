@@ -458,10 +458,11 @@ def test_two_gpu_bench_records_within_10_percent():
     templates), the plan's recommendations for 48 and 80 GiB (zero3 at micro-batch 4 and 8) and for 24 GiB
     (zero3_offload_all at micro-batch 4), each run capped at that size; 4aceb38 (today's templates): llama-7b zero3
     at micro-batch 1 with deepspeed.fetches_in_flight 2 and 64 (two runs each), zero3_offload_optimizer at
-    micro-batch 1 and 4, llama-65b zero3 at micro-batch 1 (two runs at 2 and three at 64)."""
+    micro-batch 1 and 4, llama-65b zero3 at micro-batch 1 (two runs at 2 and three at 64); 35f1a7c: llama-7b
+    zero3_offload_all at micro-batch 1 and 4."""
     rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2)
-    assert len(rows) == 27
-    assert {r["git_rev"][:7] for r in rows} == {"2017c41", "6ef7c07", "d8b41d4", "4792f5f", "4aceb38"}
+    assert len(rows) == 29
+    assert {r["git_rev"][:7] for r in rows} == {"2017c41", "6ef7c07", "d8b41d4", "4792f5f", "4aceb38", "35f1a7c"}
     for r in rows:
         p = record_plan(r)
         for measured, predicted in ((r["peak_reserved_gib"], p.gpu_peak_reserved), (r["peak_nvml_gib"], p.gpu_total)):
@@ -474,7 +475,7 @@ def test_two_gpu_bench_records_host_rss_within_10_percent():
     """Host RSS, the peak over a run's ranks, within ±10% of the plan's host total on the 2x H200 records of ours
     whose host side the model represents: revisions 2017c41 and 6ef7c07 (llama-7b and llama-65b, zero3, micro-batch
     1), d8b41d4 (the five llama-65b runs: zero3 at micro-batch 1, 4 and 8, zero3_offload_all at micro-batch 4) and
-    4aceb38 (the eleven llama-7b and llama-65b runs of s14, none fitted to).
+    4aceb38 and 35f1a7c (the thirteen llama-7b and llama-65b runs of s14, none fitted to).
 
     In-sample: the CUDA process base (1441 MiB, the mean baseline of the d8b41d4 ranks) and CUDA_RUNTIME_BYTES (910
     MiB, fitted to the training-phase RSS of the four d8b41d4 zero3 runs, which hold no host tensors). Checked on
@@ -496,10 +497,10 @@ def test_two_gpu_bench_records_host_rss_within_10_percent():
     """
     profiled = {"compare-llama-7b-20261130-133516-lorasp-mbs1-r0", "s13-reuse25-llama-65b-zero3-mbs1-torchrun"}
     rows = bench_records(lambda r: r["system"] == "lorasp" and r["gpus"] == 2 and r["run_id"] not in profiled
-                         and r["git_rev"][:7] in ("2017c41", "6ef7c07", "d8b41d4", "4792f5f", "4aceb38"))
-    assert len(rows) == 25
+                         and r["git_rev"][:7] in ("2017c41", "6ef7c07", "d8b41d4", "4792f5f", "4aceb38", "35f1a7c"))
+    assert len(rows) == 27
     in_sample = {r["run_id"] for r in rows if r["git_rev"] == "d8b41d4" and r["ds_config"] == "zero3"}
-    assert len(in_sample) == 4 and len(rows) - len(in_sample) == 21
+    assert len(in_sample) == 4 and len(rows) - len(in_sample) == 23
     for r in rows:
         p = record_plan(r)
         predicted = p.host_total
