@@ -1,0 +1,112 @@
+"""bench/quality_engine.py end to end on CPU at tiny scale: a tiny LLaMA with a chat template, a BIG-bench-style
+classification task, the study's --base-4bit runs and the same runs through `lorasp launch` (2 CPU ranks on a local
+Ray, ZeRO-3, NF4 on load) and `lorasp eval`, then the comparison's records. The GPU run is the same command at full
+size (bench/results/quality/README.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ray_cluster import RayEnv
+from test_instruct_smoke import CHAT_TEMPLATE
+from test_quality_smoke import load_quality, write_tasks
+from transformers import LlamaForCausalLM
+
+from lorasp_dist.config import DataConfig
+from lorasp_dist.data import build_datasets, load_tokenizer, train_tokenizer
+from lorasp_dist.presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def load_engine_bench():
+    spec = importlib.util.spec_from_file_location("quality_engine", REPO / "bench" / "quality_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("base")
+    tok = load_tokenizer(train_tokenizer(DataConfig(mode="instruction"), root / "tok", vocab_size=512))
+    tok.chat_template = CHAT_TEMPLATE  # instruction-formatted like SmolLM2: both paths render the chat template
+    torch.manual_seed(0)
+    config = PRESETS["tiny"].hf_config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
+    """For every seed, the engine's config (data.seed = SEED on the permuted copy) packs and orders the rows the
+    study trains on (data seed 0 for packing, SEED for the order); without the copy it would not."""
+    quality_engine, quality = load_engine_bench(), load_quality()
+    bb, work = write_tasks(tmp_path), tmp_path / "work"
+    a = quality_engine.parse_args(["--base", str(chat_base), "--work", str(work), "--steps", "8", "--batch-size",
+                                   "4", "--max-seq-len", "64", "--device", "cpu"])
+    qa = quality.parse_args(quality_engine.study_argv(a, chat_base))
+    task = quality.prepare_tasks(["toy_parity"], work, str(bb))["toy_parity"]
+    tok = load_tokenizer(chat_base)
+    study_rows = build_datasets(quality.run_config(qa, chat_base, task, 1e-3), tok)[0]
+    for seed in (0, 1, 2):
+        data = quality_engine.seed_records(task["dir"], seed, tmp_path / f"seed{seed}.jsonl")
+        cfg = quality_engine.engine_config(a, qa, chat_base, task, "lorasp", seed, 1e-3, data, tmp_path / "runs")
+        assert cfg.train.micro_batch_size * cfg.launcher.num_workers == 4 and cfg.data.seed == seed
+        assert quality_engine.same_rows(study_rows, cfg, tok, seed, a)
+    original = quality_engine.engine_config(a, qa, chat_base, task, "lorasp", 1, 1e-3, task["dir"] / "train.jsonl",
+                                            tmp_path / "runs")
+    assert not quality_engine.same_rows(study_rows, original, tok, 1, a)
+
+
+def test_engine_vs_study_end_to_end(tmp_path, chat_base):
+    bb, work, out = write_tasks(tmp_path), tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench" / "quality_engine.py"), "--base", str(chat_base), "--bigbench-dir",
+           str(bb), "--work", str(work), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp", "lora",
+           "--seeds", "0", "1", "--lrs", "adapter=1e-3", "--steps", "3", "--batch-size", "4", "--max-seq-len", "64",
+           "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu"]
+    with RayEnv() as env:
+        env = {**env, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        # a second call without --resume refuses in one line and touches nothing
+        runs_before = (out / "engine_runs.jsonl").read_text()
+        refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
+    assert "Traceback" not in refused.stderr and (out / "engine_runs.jsonl").read_text() == runs_before
+
+    record = json.loads((out / "engine-vs-study.json").read_text())
+    assert record["complete"] and record["git_rev"] and record["date"] and record["device"].startswith("CPU")
+    assert "quality_engine.py" in record["command"] and "--base-4bit" in record["study_command"]
+    assert record["engine"]["num_workers"] == 2 and record["engine"]["micro_batch_size"] == 2
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert set(rows) == {"lorasp", "lora"}
+    study = [json.loads(line) for line in (out / "study" / "runs.jsonl").read_text().splitlines()]
+    engine = [json.loads(line) for line in runs_before.splitlines()]
+    assert len(engine) == 4 and record["engine_runs"] == sorted(engine, key=lambda r: (r["variant"], r["seed"]))
+    for v, row in rows.items():
+        assert row["task"] == "toy_parity" and row["metric"] == "multiple_choice" and row["lr"] == 1e-3
+        assert row["seeds"] == 2 and isinstance(row["within_noise"], bool)
+        mine = {r["seed"]: r for r in engine if r["variant"] == v}
+        theirs = {r["seed"]: r for r in study if r["variant"] == v}
+        # both columns are the runs' own test scores, in points
+        assert row["engine_tests"] == [round(100 * mine[s]["test"], 2) for s in (0, 1)]
+        assert row["study_tests"] == [round(100 * theirs[s]["test"], 2) for s in (0, 1)]
+        assert row["engine"] == pytest.approx(50 * (mine[0]["test"] + mine[1]["test"]))
+        assert row["diff"] == pytest.approx(row["engine"] - row["study"])
+        for s in (0, 1):
+            r = mine[s]
+            assert r["same_rows"] and r["same_rendering"] and r["template"] == "chat" and r["base_weights"] == "nf4"
+            assert r["n_test"] == 8 and len(r["loss_curve"]) == 3 and 0 <= r["test"] <= 1
+            # B starts at zero: the first step's loss is the NF4 base's on the step's rows, the same in both paths
+            assert r["train_loss_first"] == pytest.approx(theirs[s]["train_loss_first"], rel=1e-4)
+            assert (Path(r["run_dir"]) / "adapter" / "adapter_config.json").is_file()
+    md = (out / "engine-vs-study.md").read_text()
+    assert "| toy_parity | multiple_choice | lorasp |" in md and "within seed noise" in md and "not identical" in md
