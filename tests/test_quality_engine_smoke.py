@@ -75,13 +75,25 @@ def test_engine_vs_study_end_to_end(tmp_path, chat_base):
            "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu"]
     with RayEnv() as env:
         env = {**env, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+        def call(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+        # out of --time-budget: the study stops before its sweep ends, no launch starts, the record says incomplete
+        first = call("--time-budget", "1")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+        assert not json.loads((out / "engine-vs-study.json").read_text())["complete"]
+        assert "INCOMPLETE" in (out / "engine-vs-study.md").read_text() and not (out / "engine_runs.jsonl").exists()
+        proc = call("--resume")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        # a second call without --resume refuses in one line and touches nothing
         runs_before = (out / "engine_runs.jsonl").read_text()
-        refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
-    assert "Traceback" not in refused.stderr and (out / "engine_runs.jsonl").read_text() == runs_before
+        # without --resume a call refuses in one line and touches nothing; with it, it finds nothing left to launch
+        refused = call()
+        assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
+        assert "Traceback" not in refused.stderr
+        again = call("--resume")
+        assert again.returncode == 0 and "engine test" not in again.stdout, again.stderr[-3000:]
+    assert (out / "engine_runs.jsonl").read_text() == runs_before
 
     record = json.loads((out / "engine-vs-study.json").read_text())
     assert record["complete"] and record["git_rev"] and record["date"] and record["device"].startswith("CPU")
