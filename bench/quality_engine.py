@@ -315,7 +315,8 @@ def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, stu
            "engine": {"num_workers": a.num_workers, "micro_batch_size": a.batch_size // (a.num_workers * a.grad_accum),
                       "grad_accum": a.grad_accum, "precision": "bf16" if a.cuda else "fp32",
                       "gpus_per_worker": a.gpus_per_worker, "deepspeed": "zero3", "quantize": "nf4 on load"},
-           "engine_runs": sorted(engine.values(), key=lambda r: (r["task"], r["variant"], r["seed"]))}
+           "engine_runs": sorted((r for r in engine.values() if r["task"] in tasks and r["variant"] in a.variants
+                                  and r["seed"] in a.seeds), key=lambda r: (r["task"], r["variant"], r["seed"]))}
     status = "complete" if missing == 0 else f"INCOMPLETE: {missing} (task, variant, seed) pairs lack a run"
     verdict = (f"the engine is within seed noise of the study on {sum(r['within_noise'] for r in judged)} of "
                f"{len(judged)} (task, variant)" if judged else "no (task, variant) has two seeds on both sides yet")
@@ -356,6 +357,10 @@ def main(argv=None) -> int:
     ctx = context(run_id)
     tok = load_tokenizer(base, "--base")
     walls = [r["wall_s"] for r in engine.values()]  # the pace of earlier calls, for --time-budget
+    done = sum(1 for k in engine if k[0] in tasks and k[1] in a.variants and k[2] in a.seeds)
+    todo = len(tasks) * len(a.variants) * len(a.seeds) - done
+    print(f"[engine-study] {todo} engine runs to do ({done} done), {a.steps} steps x {a.batch_size} rows x "
+          f"{a.max_seq_len} tokens each, {a.num_workers} ranks", flush=True)
     checked: set = set()
     for name, task in tasks.items():
         study_rows = None
