@@ -353,6 +353,12 @@ def _instruction_rows(records: dict[str, list], rows: list[int], template: Templ
     return PackedDataset(*tensors, stats)
 
 
+def record_order(n: int, seed: int) -> list[int]:
+    """The order build_datasets puts n records in (data.seed): the first are held out for validation, the rest are
+    packed into rows in this order."""
+    return torch.randperm(n, generator=_generator("split", seed)).tolist()
+
+
 def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedDataset]:
     """(train, val) packed rows of `data.seq_len` tokens.
 
@@ -363,7 +369,7 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedData
     data = cfg.data
     records = load_records(data).to_dict()
     n = len(next(iter(records.values())))
-    order = torch.randperm(n, generator=_generator("split", data.seed)).tolist()
+    order = record_order(n, data.seed)
     holds_out = data.val_fraction > 0 and cfg.train.eval_every > 0 and n >= 2
     n_val = min(max(1, round(n * data.val_fraction)), n - 1) if holds_out else 0
     if data.mode == "text":

@@ -1,0 +1,127 @@
+"""bench/quality_engine.py end to end on CPU at tiny scale: a tiny LLaMA with a chat template, a BIG-bench-style
+classification task, the study's --base-4bit runs and the same runs through `lorasp launch` (2 CPU ranks on a local
+Ray, ZeRO-3, NF4 on load) and `lorasp eval`, then the comparison's records. The GPU run is the same command at full
+size (bench/results/quality/README.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ray_cluster import RayEnv
+from test_instruct_smoke import CHAT_TEMPLATE
+from test_quality_smoke import load_quality, write_tasks
+from transformers import LlamaForCausalLM
+
+from lorasp_dist.config import DataConfig
+from lorasp_dist.data import build_datasets, load_tokenizer, train_tokenizer
+from lorasp_dist.presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def load_engine_bench():
+    spec = importlib.util.spec_from_file_location("quality_engine", REPO / "bench" / "quality_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("base")
+    tok = load_tokenizer(train_tokenizer(DataConfig(mode="instruction"), root / "tok", vocab_size=512))
+    tok.chat_template = CHAT_TEMPLATE  # instruction-formatted like SmolLM2: both paths render the chat template
+    torch.manual_seed(0)
+    config = PRESETS["tiny"].hf_config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
+    """For every seed, the engine's config (data.seed = SEED on the permuted copy) packs and orders the rows the
+    study trains on (data seed 0 for packing, SEED for the order); without the copy it would not."""
+    quality_engine, quality = load_engine_bench(), load_quality()
+    bb, work = write_tasks(tmp_path), tmp_path / "work"
+    a = quality_engine.parse_args(["--base", str(chat_base), "--work", str(work), "--steps", "8", "--batch-size",
+                                   "4", "--max-seq-len", "64", "--device", "cpu"])
+    qa = quality.parse_args(quality_engine.study_argv(a, chat_base))
+    task = quality.prepare_tasks(["toy_parity"], work, str(bb))["toy_parity"]
+    tok = load_tokenizer(chat_base)
+    study_rows = build_datasets(quality.run_config(qa, chat_base, task, 1e-3), tok)[0]
+    for seed in (0, 1, 2):
+        data = quality_engine.seed_records(task["dir"], seed, tmp_path / f"seed{seed}.jsonl")
+        cfg = quality_engine.engine_config(a, qa, chat_base, task, "lorasp", seed, 1e-3, data, tmp_path / "runs")
+        assert cfg.train.micro_batch_size * cfg.launcher.num_workers == 4 and cfg.data.seed == seed
+        assert quality_engine.same_rows(study_rows, cfg, tok, seed, a)
+    original = quality_engine.engine_config(a, qa, chat_base, task, "lorasp", 1, 1e-3, task["dir"] / "train.jsonl",
+                                            tmp_path / "runs")
+    assert not quality_engine.same_rows(study_rows, original, tok, 1, a)
+
+
+def test_engine_vs_study_end_to_end(tmp_path, chat_base):
+    """Two seeds of LoRA-SP through both paths (lora differs only in lorasp.variant: two launches keep this short)."""
+    bb, work, out = write_tasks(tmp_path, n=100), tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench" / "quality_engine.py"), "--base", str(chat_base), "--bigbench-dir",
+           str(bb), "--work", str(work), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp",
+           "--seeds", "0", "1", "--lrs", "adapter=1e-3", "--steps", "3", "--batch-size", "4", "--max-seq-len", "64",
+           "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu"]
+    with RayEnv() as env:
+        env = {**env, "OMP_NUM_THREADS": "1"}
+
+        def call(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+        # out of --time-budget: the study stops before its sweep ends, no launch starts, the record says incomplete
+        first = call("--time-budget", "1")
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+        assert not json.loads((out / "engine-vs-study.json").read_text())["complete"]
+        assert "INCOMPLETE" in (out / "engine-vs-study.md").read_text() and not (out / "engine_runs.jsonl").exists()
+        proc = call("--resume")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        runs_before = (out / "engine_runs.jsonl").read_text()
+        # without --resume a call refuses in one line and touches nothing; with it, it finds nothing left to launch
+        refused = call()
+        assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
+        assert "Traceback" not in refused.stderr
+        again = call("--resume")
+        assert again.returncode == 0 and "engine test" not in again.stdout, again.stderr[-3000:]
+    assert (out / "engine_runs.jsonl").read_text() == runs_before
+
+    record = json.loads((out / "engine-vs-study.json").read_text())
+    assert record["complete"] and record["git_rev"] and record["date"] and record["device"].startswith("CPU")
+    assert "quality_engine.py" in record["command"] and "--base-4bit" in record["study_command"]
+    assert record["engine"]["num_workers"] == 2 and record["engine"]["micro_batch_size"] == 2
+    (row,) = record["rows"]
+    assert (row["task"], row["metric"], row["variant"], row["lr"]) == ("toy_parity", "multiple_choice", "lorasp", 1e-3)
+    assert row["seeds"] == 2 and isinstance(row["within_noise"], bool) and row["noise"] is not None
+    study = {r["seed"]: r for r in map(json.loads, (out / "study" / "runs.jsonl").read_text().splitlines())
+             if r["variant"] == "lorasp"}
+    engine = {r["seed"]: r for r in map(json.loads, runs_before.splitlines())}
+    assert sorted(engine) == [0, 1] and record["engine_runs"] == [engine[0], engine[1]]
+    # both columns are the runs' own test scores, in points: the engine's from `lorasp eval`'s own output
+    n_test = min(8, len((work / "tasks" / "toy_parity" / "test.jsonl").read_text().splitlines()))
+    for s in (0, 1):
+        scored = json.loads((work / "engine" / "runs-setup" / f"toy_parity-lorasp-seed{s}-lr0.001" /
+                             "test.json").read_text())
+        assert engine[s]["test"] == scored["value"] and engine[s]["n_test"] == scored["n"] == n_test
+    assert row["engine_tests"] == [round(100 * engine[s]["test"], 2) for s in (0, 1)]
+    assert row["study_tests"] == [round(100 * study[s]["test"], 2) for s in (0, 1)]
+    assert row["engine"] == pytest.approx(50 * (engine[0]["test"] + engine[1]["test"]))
+    assert row["diff"] == pytest.approx(row["engine"] - row["study"])
+    for s in (0, 1):
+        r = engine[s]
+        assert r["same_rows"] and r["same_rendering"] and r["template"] == "chat" and r["base_weights"] == "nf4"
+        assert (Path(r["run_dir"]) / "adapter" / "adapter_config.json").is_file()
+        # the same rows, init and schedule in fp32: the engine's 2 ranks follow the study's loop step by step
+        assert r["loss_curve"] == pytest.approx(study[s]["loss_curve"], rel=1e-3)
+        assert r["train_loss_first"] == pytest.approx(study[s]["train_loss_first"], rel=1e-4)
+    md = (out / "engine-vs-study.md").read_text()
+    assert "| toy_parity | multiple_choice | lorasp |" in md and "within seed noise" in md and "not identical" in md
