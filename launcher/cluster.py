@@ -25,9 +25,9 @@ from pathlib import Path
 
 import ray
 
+from launcher.local_ray import LOCAL_OBJECT_STORE_BYTES
 from lorasp_dist.config import ConfigError, RunConfig, is_secret
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 CONNECT_TIMEOUT_S = 20  # Ray's client retries an unreachable or wrong cluster forever; bad input must end fast
 STORAGE_CHECK_TIMEOUT_S = 15
 # JIT-built DeepSpeed ops are cached, CPU is explicit, the user's allocator settings win over ours

@@ -38,8 +38,8 @@ from launcher.signals import StopRelay
 from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
-from lorasp_dist.engine.run_dir import RunLock, is_run
-from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE, unique_run_name
+from lorasp_dist.engine.run_dir import RunLock, is_run, unique_run_name
+from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
