@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--address", default=None, help="a Ray cluster to join (auto or HOST:PORT; default: a local one)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: write the records from the files an earlier call left in --work")
     p.add_argument("--device", help="with --collect: the device the runs were made on")
@@ -124,7 +125,7 @@ def run_config(a, base: Path, task: Path, runs: Path):
                           warmup_steps=a.warmup_steps, lr_schedule="cosine", precision=a.precision, eval_every=0,
                           save_every=0, output_dir=runs, run_name=task.name),
         launcher=LauncherConfig(num_workers=a.num_workers, gpus_per_worker=a.gpus_per_worker,
-                                cpus_per_worker=a.cpus_per_worker, max_failures=0),
+                                cpus_per_worker=a.cpus_per_worker, max_failures=0, address=a.address),
     )
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import ray
 
+from launcher.local_ray import LOCAL_OBJECT_STORE_BYTES
 from lorasp_dist.config import ConfigError, RunConfig, is_secret
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 CONNECT_TIMEOUT_S = 20  # Ray's client retries an unreachable or wrong cluster forever; bad input must end fast
 STORAGE_CHECK_TIMEOUT_S = 15
 # JIT-built DeepSpeed ops are cached, CPU is explicit, the user's allocator settings win over ours
@@ -51,7 +51,15 @@ def connect(cfg: RunConfig) -> None:
     if lc.address is None:
         if not lc.memory_monitor:
             os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # read by the raylet we are about to start
+        # Ray's state API, which Ray Train's PlacementGroupCleaner polls from inside the instance, finds its cluster
+        # by RAY_ADDRESS, else by looking for GCS processes on the host: with a second Ray instance there (a user's
+        # own `ray start`) it finds two and fails. So the GCS gets a port chosen here, and the job's processes its
+        # address; "local" starts a new instance even when the shell sets RAY_ADDRESS.
+        port = _free_loopback_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the GCS we are about to start
+        runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # loopback: launcher/local_ray.py
         ray.init(
+            address="local",
             object_store_memory=lc.object_store_memory or LOCAL_OBJECT_STORE_BYTES,
             dashboard_host=lc.dashboard_host,
             runtime_env=runtime_env,
@@ -77,6 +85,12 @@ def connect(cfg: RunConfig) -> None:
             ray.init(address=lc.address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
             raise ConfigError(f"launcher.address = '{lc.address}': {e}") from None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _split_address(address: str) -> tuple[str, int]:

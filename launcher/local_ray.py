@@ -15,6 +15,8 @@ import os
 import secrets
 import sys
 
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # the object store of an instance we start (launcher/cluster.py says why)
+
 
 def isolate_local_instance() -> None:
     if "ray" in sys.modules:

@@ -38,8 +38,8 @@ from launcher.signals import StopRelay
 from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
-from lorasp_dist.engine.run_dir import RunLock, is_run
-from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE, unique_run_name
+from lorasp_dist.engine.run_dir import RunLock, is_run, unique_run_name
+from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
@@ -212,6 +212,9 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     # Ray Train would turn each print on a worker into a log record that reaches the console twice; the rank logs
     # (launcher/logs.py) already collect and tag every line. Ray propagates this variable to the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's preemption watcher (one more actor process per worker group, polling for drained nodes) only hands
+    # the train function a notice that it never reads: SLURM's signals and the STOP file stop a run here.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run at its first step
     # Ray Train's checkpoint list, left by lorasp versions that reported checkpoints to Ray: Ray refuses to start when
     # a listed directory is gone (set aside, pruned) or the list was written by another Ray version.

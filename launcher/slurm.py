@@ -129,8 +129,8 @@ def _executable(name: str) -> str:
 
 def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     """The rendered job for this config and these flags; every inconsistency is a ConfigError naming the flag."""
-    from launcher.cluster import LOCAL_OBJECT_STORE_BYTES
-    from lorasp_dist.engine.train import unique_run_name
+    from launcher.local_ray import LOCAL_OBJECT_STORE_BYTES
+    from lorasp_dist.engine.run_dir import unique_run_name
 
     lc = cfg.launcher
     for flag, value in (("--nodes", args.nodes), ("--cpus-per-node", args.cpus_per_node)):

@@ -88,7 +88,7 @@ class RayEnv:
 
     def __exit__(self, *exc) -> None:
         for _ in range(2):  # twice: a dying raylet may have started a worker meanwhile
-            stop_pids(ray_pids(self.root))
+            stop_pids(ray_pids(self.root), timeout=3)  # what is left at the end needs no grace: SIGKILL it soon
         shutil.rmtree(self.root, ignore_errors=True)
 
 

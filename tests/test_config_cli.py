@@ -14,7 +14,7 @@ import yaml
 from lorasp_dist import cli
 from lorasp_dist.cli import main
 from lorasp_dist.config import ConfigError, RunConfig, load_config, make_lorasp_config
-from lorasp_dist.engine.train import unique_run_name
+from lorasp_dist.engine.run_dir import unique_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,7 @@
 """bench/instruct_smollm2.py end to end on CPU at tiny scale: a tiny random LLaMA whose tokenizer has a chat template,
-two BIG-bench-style tasks (multiple choice and short answer), zero-shot eval, `lorasp launch` on a local Ray with 2
-CPU workers, eval of the adapter, and the JSON + Markdown records. The GPU run is the same command at full size."""
+two BIG-bench-style tasks (multiple choice and short answer), zero-shot eval, `lorasp launch` with 2 CPU workers on the
+session's Ray cluster (one start for both tasks; `--address`), eval of the adapter, and the JSON + Markdown records.
+The GPU run is the same command at full size, on a local Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_cluster import RayEnv
 from test_quality_smoke import write_tasks  # the same toy BIG-bench tasks
 from transformers import LlamaForCausalLM
 
@@ -40,16 +40,16 @@ def chat_base(tmp_path_factory) -> Path:
     return root / "base"
 
 
-def test_instruct_bench_runs_end_to_end(tmp_path, chat_base):
+def test_instruct_bench_runs_end_to_end(tmp_path, chat_base, ray_cluster):
+    head, env = ray_cluster
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "instruct_smollm2.py"), "--base", str(chat_base), "--bigbench-dir",
            str(bb), "--tasks", "toy_parity", "toy_next", "--work", str(tmp_path / "work"), "--out", str(out),
            "--name", "smoke", "--steps", "3", "--micro-batch-size", "2", "--seq-len", "64", "--precision", "fp32",
            "--max-eval", "4", "--eval-batch-size", "4", "--max-new-tokens", "3", "--num-workers", "2",
-           "--gpus-per-worker", "0"]
-    with RayEnv() as env:
-        proc = subprocess.run(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=900)
+           "--gpus-per-worker", "0", "--address", head.address]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     record = json.loads((out / "smoke.json").read_text())

@@ -130,11 +130,13 @@ def uninterrupted(reference) -> Path:
 # --- the main job ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def main_job(seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path, list[Path]]:
+def main_job(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path, list[Path]]:
     """The README's main job, run once for the tests that read it: examples/tiny.yaml (20 steps, LoRA-SP, ZeRO-3, 2 CPU
-    workers) on a new local Ray. Its ranks are also handed a secret-looking `env` value, and a probe on their
-    PYTHONPATH (tests/test_secrets.py) reports what they saw. Returns the output dir, the launch, the probe's reports
-    and the files of Ray's session (logs and state) that hold the secret, read before the session is removed."""
+    workers) on a new local Ray, while another Ray instance runs on the host (the session's cluster, as a user's own
+    `ray start` would be): the launch must keep to its own. Its ranks are also handed a secret-looking `env` value,
+    and a probe on their PYTHONPATH (tests/test_secrets.py) reports what they saw. Returns the output dir, the
+    launch, the probe's reports and the files of Ray's session (logs and state) that hold the secret, read before the
+    session is removed."""
     out, probe, seen = (tmp_path_factory.mktemp(name) for name in ("main", "probe", "seen"))
     seed_tiny(out)
     (probe / "sitecustomize.py").write_text(PROBE)

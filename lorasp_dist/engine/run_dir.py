@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import uuid
 from pathlib import Path
 
-from lorasp_dist.config import ConfigError
+from lorasp_dist.config import ConfigError, RunConfig
 
 LOCK_FILE = "run.lock"
+
+
+def unique_run_name(cfg: RunConfig) -> str:
+    """`YYYYmmdd-HHMMSS-<model>-<6 hex>`: unique even for runs started in the same second (torchrun or `launch`)."""
+    model = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.model.preset or Path(cfg.model.path).name)
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
 
 
 def is_run(path: Path) -> bool:

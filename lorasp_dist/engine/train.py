@@ -11,12 +11,10 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import socket
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,7 +30,7 @@ from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.profile import StepProfiler
 from lorasp_dist.engine.progress import TrainingProgress
-from lorasp_dist.engine.run_dir import RunLock, check_new_or_continued
+from lorasp_dist.engine.run_dir import RunLock, check_new_or_continued, unique_run_name
 from lorasp_dist.inputs import check_inputs
 from lorasp_dist.lorasp.masks import mask_round
 
@@ -92,12 +90,6 @@ def _broadcast(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def unique_run_name(cfg: RunConfig) -> str:
-    """`YYYYmmdd-HHMMSS-<model>-<6 hex>`: unique even for runs started in the same second (torchrun or `launch`)."""
-    model = re.sub(r"[^A-Za-z0-9._-]", "-", cfg.model.preset or Path(cfg.model.path).name)
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{uuid.uuid4().hex[:6]}"
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
