@@ -476,7 +476,9 @@ def runs_left(done: dict, tasks: dict, a) -> int:
 # ------------------------------------------------------------------------------------------------------ summary
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 

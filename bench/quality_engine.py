@@ -271,12 +271,6 @@ def engine_run(a, qa, base: Path, task: dict, study_rows, tok, variant: str, see
 # ------------------------------------------------------------------------------------------------ the record
 
 
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
-
-
 def compare(study: dict, engine: dict, tasks: dict, a, qa) -> tuple[list[dict], int]:
     """(one row per task and variant, how many (task, variant, seed) pairs lack a run on either side)."""
     rows, missing = [], 0
@@ -289,8 +283,8 @@ def compare(study: dict, engine: dict, tasks: dict, a, qa) -> tuple[list[dict], 
             missing += len(a.seeds) - sum(1 for s, e in pairs if s and e)
             st = [100 * s["test"] for s, _ in pairs if s]
             en = [100 * e["test"] for _, e in pairs if e]
-            (sm, ss), (em, es) = _mean_std(st), _mean_std(en)
-            paired = _mean_std([100 * (e["test"] - s["test"]) for s, e in pairs if s and e])
+            (sm, ss), (em, es) = quality._mean_std(st), quality._mean_std(en)
+            paired = quality._mean_std([100 * (e["test"] - s["test"]) for s, e in pairs if s and e])
             diff = em - sm if em is not None and sm is not None else None
             noise = (2 * math.sqrt(es ** 2 / len(en) + ss ** 2 / len(st))
                      if es is not None and ss is not None else None)
@@ -298,10 +292,10 @@ def compare(study: dict, engine: dict, tasks: dict, a, qa) -> tuple[list[dict], 
                 "task": name, "metric": task["metric"], "variant": v, "lr": lr, "seeds": len(en),
                 "engine": em, "engine_std": es, "study": sm, "study_std": ss, "diff": diff, "paired_std": paired[1],
                 "noise": noise, "within_noise": abs(diff) <= noise if diff is not None and noise is not None else None,
-                "first_loss_engine": _mean_std([e["train_loss_first"] for _, e in pairs if e])[0],
-                "first_loss_study": _mean_std([s["train_loss_first"] for s, _ in pairs if s])[0],
-                "last_loss_engine": _mean_std([e["train_loss_last"] for _, e in pairs if e])[0],
-                "last_loss_study": _mean_std([s["train_loss_last"] for s, _ in pairs if s])[0],
+                "first_loss_engine": quality._mean_std([e["train_loss_first"] for _, e in pairs if e])[0],
+                "first_loss_study": quality._mean_std([s["train_loss_first"] for s, _ in pairs if s])[0],
+                "last_loss_engine": quality._mean_std([e["train_loss_last"] for _, e in pairs if e])[0],
+                "last_loss_study": quality._mean_std([s["train_loss_last"] for s, _ in pairs if s])[0],
                 "engine_tests": [round(x, 2) for x in en], "study_tests": [round(x, 2) for x in st],
             })
     return rows, missing

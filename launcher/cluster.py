@@ -27,6 +27,7 @@ import ray
 
 from launcher.local_ray import LOCAL_OBJECT_STORE_BYTES
 from lorasp_dist.config import ConfigError, RunConfig, is_secret
+from lorasp_dist.ports import free_loopback_port
 
 CONNECT_TIMEOUT_S = 20  # Ray's client retries an unreachable or wrong cluster forever; bad input must end fast
 STORAGE_CHECK_TIMEOUT_S = 15
@@ -55,7 +56,7 @@ def connect(cfg: RunConfig) -> None:
         # by RAY_ADDRESS, else by looking for GCS processes on the host: with a second Ray instance there (a user's
         # own `ray start`) it finds two and fails. So the GCS gets a port chosen here, and the job's processes its
         # address; "local" starts a new instance even when the shell sets RAY_ADDRESS.
-        port = _free_loopback_port()
+        port = free_loopback_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the GCS we are about to start
         runtime_env["env_vars"]["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # loopback: launcher/local_ray.py
         ray.init(
@@ -85,12 +86,6 @@ def connect(cfg: RunConfig) -> None:
             ray.init(address=lc.address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
             raise ConfigError(f"launcher.address = '{lc.address}': {e}") from None
-
-
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _split_address(address: str) -> tuple[str, int]:

@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from lorasp_dist.engine.progress import TrainingProgress
 from lorasp_dist.engine.run_dir import RunLock, check_new_or_continued, unique_run_name
 from lorasp_dist.inputs import check_inputs
 from lorasp_dist.lorasp.masks import mask_round
+from lorasp_dist.ports import free_loopback_port
 
 STOP_FILE = "STOP"
 EXIT_STOPPED = 3  # stopped on request with a checkpoint saved; `lorasp launch` exits with the same code
@@ -46,12 +46,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 # --- process setup -----------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _quiet_known_warnings() -> None:
     """Deprecation notices from our dependencies' internals (DeepSpeed's collectives, transformers' renames) that a
@@ -71,7 +65,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:  # started by hand: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -281,7 +275,8 @@ class Recipe:
                 config=self.ds_config,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr),
             )
-        _set_fetches_in_flight(self.engine, cfg.deepspeed.fetches_in_flight)
+        if cfg.deepspeed.fetches_in_flight != DEEPSPEED_FETCHES_IN_FLIGHT:
+            _set_fetches_in_flight(self.engine, cfg.deepspeed.fetches_in_flight)
         self._write_partition_record()
         self.step, self.sample_pos = 0, 0
         self._resume()
@@ -293,9 +288,9 @@ class Recipe:
         for p in self.engine.module.parameters():
             total += p.ds_numel * p.element_size()
             local += p.ds_tensor.numel() * p.ds_tensor.element_size()
-        coordinator = self.engine.optimizer.parameter_offload.get_param_coordinator()
+        coordinator, name = _fetch_events(self.engine)
         record = {"rank": self.rank, "world_size": self.world, "param_bytes_total": total, "param_bytes_local": local,
-                  "fetches_in_flight": getattr(coordinator, _FETCH_EVENTS.format(type(coordinator).__name__))}
+                  "fetches_in_flight": getattr(coordinator, name, None)}
         path = self.run_dir / "partition" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -645,14 +640,19 @@ class Recipe:
             self.tb.close()
 
 
-_FETCH_EVENTS = "_{}__max_ongoing_fetch_events"  # the name-mangled private attribute
+DEEPSPEED_FETCHES_IN_FLIGHT = 2  # DeepSpeed's own, left untouched unless a run asks for another
+
+
+def _fetch_events(engine) -> tuple[object, str]:
+    """ZeRO-3's parameter coordinator and the name-mangled attribute of its fetch back-pressure."""
+    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    return coordinator, f"_{type(coordinator).__name__}__max_ongoing_fetch_events"
 
 
 def _set_fetches_in_flight(engine, n: int) -> None:
     """DeepSpeed has no setting for its fetch back-pressure (PartitionedParameterCoordinator's private
     __max_ongoing_fetch_events); fail loudly if a DeepSpeed release renames it rather than set nothing."""
-    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
-    name = _FETCH_EVENTS.format(type(coordinator).__name__)
+    coordinator, name = _fetch_events(engine)
     if not hasattr(coordinator, name):
         raise RuntimeError(f"deepspeed.fetches_in_flight: this DeepSpeed's ZeRO-3 coordinator has no {name}")
     setattr(coordinator, name, n)
