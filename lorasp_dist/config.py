@@ -121,6 +121,10 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     gradient_checkpointing: bool = True
+    # With checkpointing: how many decoder layers, the first ones, recompute their activations in the backward (None:
+    # all). The others keep theirs, which skips a third of their arithmetic for their activations' memory;
+    # `lorasp plan --gpu-mem` finds the smallest number that fits. Like torchtune's selective activation checkpointing.
+    checkpoint_layers: int | None = Field(None, ge=0)
     precision: Literal["bf16", "fp32"] = "bf16"
     log_every: int = Field(1, gt=0)
     profile_steps: list[int] = Field(default_factory=list)  # [K]: torch.profiler tables of steps K, K+1 (profile/)
@@ -142,6 +146,13 @@ class TrainConfig(_Section):
         if v is not None and not RUN_NAME.fullmatch(v):
             raise ValueError("must be one directory name: letters, digits, '.', '_' and '-', not starting with '.'")
         return v
+
+    @model_validator(mode="after")
+    def _checkpoint_layers_need_checkpointing(self):
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ValueError(f"train.checkpoint_layers = {self.checkpoint_layers}: needs "
+                             "train.gradient_checkpointing=true (without it no layer is checkpointed)")
+        return self
 
     @field_validator("lr")
     @classmethod

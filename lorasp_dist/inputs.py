@@ -103,12 +103,13 @@ def check_data(data: DataConfig) -> None:
 
 # --- model and tokenizer -----------------------------------------------------------------------------------------
 
-def model_limits(cfg: RunConfig) -> tuple[int | None, int | None, str]:
-    """(vocabulary size, context length, where they come from) of the base, from its config.json or the preset."""
+def model_limits(cfg: RunConfig) -> tuple[int | None, int | None, int | None, str]:
+    """(vocabulary size, context length, decoder layers, where they come from) of the base, from its config.json or
+    the preset."""
     if cfg.model.path is None:
         preset = PRESETS[cfg.model.preset]
         vocab = cfg.data.vocab_size if cfg.model.preset == "tiny" else preset.vocab_size  # model.load builds it so
-        return vocab, preset.max_position_embeddings, f"preset {cfg.model.preset}"
+        return vocab, preset.max_position_embeddings, preset.num_hidden_layers, f"preset {cfg.model.preset}"
     path, shown = Path(cfg.model.path), repr(str(cfg.model.path))
     if not path.is_dir():
         raise ConfigError(f"model.path = {shown}: not found (a local checkpoint directory)")
@@ -121,7 +122,8 @@ def model_limits(cfg: RunConfig) -> tuple[int | None, int | None, str]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path = {shown}: unreadable config.json ({e})") from None
     config = config.get("text_config", config)  # a multimodal checkpoint: its language model's
-    return config.get("vocab_size"), config.get("max_position_embeddings"), f"{path / 'config.json'}"
+    return (config.get("vocab_size"), config.get("max_position_embeddings"), config.get("num_hidden_layers"),
+            f"{path / 'config.json'}")
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -188,9 +190,13 @@ def check_inputs(cfg: RunConfig) -> None:
     """Every check of a run's inputs that needs no built model, tokenizer or dataset (see the module's docstring)."""
     if cfg.lorasp.resample_every:
         check_resample(cfg)
-    vocab, context, where = model_limits(cfg)
+    vocab, context, layers, where = model_limits(cfg)
     if context is not None and cfg.data.seq_len > context:
         raise ConfigError(f"data.seq_len = {cfg.data.seq_len}: longer than the model's context, "
                           f"max_position_embeddings = {context} ({where}); use at most {context}")
+    checkpointed = cfg.train.checkpoint_layers
+    if layers is not None and checkpointed is not None and checkpointed > layers:
+        raise ConfigError(f"train.checkpoint_layers = {checkpointed}: more than the model's {layers} decoder layers "
+                          f"({where}); use 0 to {layers}")
     check_data(cfg.data)
     check_tokenizer(cfg, vocab, where)

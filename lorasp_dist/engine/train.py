@@ -218,11 +218,11 @@ class Recipe:
     # setup ---------------------------------------------------------------------------------------------------------
     def setup(self, prepared: Prepared | None = None):
         import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
+        from deepspeed.utils import set_z3_leaf_module
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, lorasp_layers
-        from lorasp_dist.model.load import decoder_layers, ensure_base, load_base
+        from lorasp_dist.model.load import enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
         if self.is_main:
@@ -260,13 +260,12 @@ class Recipe:
             for layer in lorasp_layers(model):
                 layer.lora_A.to(self.dtype)
                 layer.lora_B.to(self.dtype)
-            if cfg.train.gradient_checkpointing:
-                # Non-reentrant checkpointing works with ZeRO-3's gather hooks and needs no input requires-grad trick.
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpointed = enable_checkpointing(model, cfg.train)
             # Whole-layer fetches need the checkpointed recompute: without it, a backward through the saved graph
-            # finds some of a leaf layer's parameters released (seen on CPU, 2 ranks), so fetch per module.
-            if cfg.deepspeed.fetch == "layer" and cfg.train.gradient_checkpointing:
-                set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
+            # finds some of a leaf layer's parameters released (seen on CPU, 2 ranks), so the others fetch per module.
+            if cfg.deepspeed.fetch == "layer":
+                for layer in checkpointed:
+                    set_z3_leaf_module(layer, True)
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -162,6 +162,7 @@ class MemoryPlan:
     shape: dict[str, Any] = field(default_factory=dict)  # the Preset's fields
     counts: dict[str, int] = field(default_factory=dict)  # parameter counts behind the bytes
     adapter: dict[str, int] = field(default_factory=dict)  # ADAPTER_TERMS -> bytes per rank, GPU and host together
+    checkpoint_layers: int | None = None  # with checkpointing: the first N decoder layers are checkpointed (None: all)
 
     @property
     def gpu_total(self) -> int:
@@ -201,7 +202,8 @@ class MemoryPlan:
         stays: a different ds_config or micro-batch is a different config (plan_for_config)."""
         kw = dict(
             world_size=self.world_size, micro_batch=self.micro_batch, seq_len=self.seq_len, ds_config=self.ds_config,
-            gradient_checkpointing=self.gradient_checkpointing, variant=self.variant, device=self.device,
+            gradient_checkpointing=self.gradient_checkpointing, checkpoint_layers=self.checkpoint_layers,
+            variant=self.variant, device=self.device,
             **self.settings,
         )
         kw.update(changes)
@@ -359,9 +361,10 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
     return params, fixed
 
 
-def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, gc: bool,
+def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, checkpointed: int,
                  masked_entries: int = 0) -> dict[str, int]:
-    """Activation bytes of the backward pass's two candidate peaks (bf16, SDPA attention: no seq² term).
+    """Activation bytes of the backward pass's two candidate peaks (bf16, SDPA attention: no seq² term), with the
+    first `checkpointed` decoder layers checkpointed and the others keeping their activations.
 
     Per token and decoder layer: Korthikanti et al. 2022's accounting of saved tensors, redone for LLaMA as
     transformers runs it, and checked tensor by tensor with saved_tensors_hooks (tests/test_memory_model.py); e = 2 B:
@@ -379,7 +382,8 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
     norm's 4h + 4. Checkpointed (non-reentrant): each layer's input hidden state (e·h) is kept, the final norm's
     saves (4h + 4) sit outside any checkpoint, and the layer under backward is recomputed whole. Backward working
     set of one layer (an estimate): incoming and outgoing hidden grads plus the grads of gate, up and SiLU
-    outputs, e·(2h + 3i).
+    outputs, e·(2h + 3i). With some layers checkpointed, the backward frees the last (kept) layers' activations
+    before it recomputes the first checkpointed one.
     Loss (transformers' ForCausalLMLoss): bf16 logits, an fp32 copy, log_softmax's fp32 output saved for backward
     (4·V, measured); the backward holds that output, its fp32 gradient and the fp32 gradient of the input:
     12·V per token at peak (10·V in the forward: 2 + 4 + 4; the loop keeps only the loss, so the bf16 logits go).
@@ -401,14 +405,14 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
     per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora) + 5 * masked_entries
     layer = per_token * tokens + per_layer_fixed
     final = (norm + e * h * full) * tokens  # final RMSNorm (+ the lm_head input when the lm_head trains)
-    if gc:
-        stored = p.num_hidden_layers * e * h * tokens + final
-    else:
-        stored = p.num_hidden_layers * layer + final - (0 if full else norm * tokens)
+    kept = p.num_hidden_layers - checkpointed
+    checkpoints = checkpointed * e * h * tokens + final
+    stored = checkpoints + kept * layer - (0 if full or checkpointed else norm * tokens)
     backward = e * (2 * h + 3 * i) * tokens
+    recompute = checkpoints + layer - stored if checkpointed else 0  # at the first checkpointed layer's backward
     return {
         "stored": stored,
-        "layer": (layer if gc else 0) + backward,  # extra during one layer's recompute + backward
+        "layer": max(recompute, 0) + backward,  # extra during one layer's recompute + backward
         "logits": 12 * v * tokens,
         "saved_logits": 4 * v * tokens,  # what the forward leaves for the backward
         "per_layer": layer,
@@ -416,7 +420,8 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
 
 
 def _full_ft_activations(p: Preset, seq_len: int, micro_batch: int) -> int:
-    act = _activations(p, seq_len * micro_batch, list(LLAMA_PROJECTIONS), 0, full=True, gc=True)
+    act = _activations(p, seq_len * micro_batch, list(LLAMA_PROJECTIONS), 0, full=True,
+                       checkpointed=p.num_hidden_layers)
     return act["stored"] + max(act["logits"], act["layer"])
 
 
@@ -456,6 +461,7 @@ def plan_memory(
     variant: str = "lorasp",
     resample_every: int = 0,
     gradient_checkpointing: bool = True,
+    checkpoint_layers: int | None = None,
     device: str = "cuda",
     vocab_size: int | None = None,
     precision: str = "bf16",
@@ -591,7 +597,8 @@ def plan_memory(
     layer_elems = max((traversed_layer.get(k, 0) for k in range(L)), default=0)
     head_elems = p.vocab_size * p.hidden_size
     head_bytes = head_elems * BASE_BYTES if head_elems > zero.persistence_threshold else 0
-    passes = 3 if gradient_checkpointing else 2
+    checkpointed = (L if checkpoint_layers is None else min(checkpoint_layers, L)) if gradient_checkpointing else 0
+    passes = 3 if checkpointed == L else 2  # the walk's last layers are the kept ones
     retained = sum(1 for k in range(L) if 2 * head_elems + k * passes * layer_elems < zero.max_reuse_distance)
     ahead = head_bytes + sum(gathered_layer.get(k, 0) for k in range(L))
     window = min((zero.max_live + largest) * BASE_BYTES, ahead) if zero.prefetch_bucket > 0 else 0
@@ -607,7 +614,7 @@ def plan_memory(
     masked = sum(n for out_f, in_f in (p.linear_shapes()[t] for t in targets if not full)
                  for n, matrix_ratio in zip((r * in_f, out_f * r), _matrix_ratios(variant, ratio))
                  if 0 < trainable_count(n, matrix_ratio) < n)
-    act = _activations(p, seq_len * micro_batch, targets, r, full, gradient_checkpointing, masked)
+    act = _activations(p, seq_len * micro_batch, targets, r, full, checkpointed, masked)
     # bitsandbytes dequantizes the whole 4-bit weight to bf16 for a matmul over many tokens, forward and backward.
     dequant = max(o * i for o, i in p.linear_shapes().values()) * BASE_BYTES if quantized else 0
     phases = {
@@ -641,7 +648,8 @@ def plan_memory(
     linear = L * sum(o * i for o, i in p.linear_shapes().values())
     return MemoryPlan(
         preset=name, world_size=W, micro_batch=micro_batch, seq_len=seq_len, ds_config=ds_config,
-        gradient_checkpointing=gradient_checkpointing, variant=variant, gpu=gpu, host=host,
+        gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers, variant=variant,
+        gpu=gpu, host=host,
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
                       quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
@@ -692,7 +700,8 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         ds_config=cfg.deepspeed.config, device=device,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len, r=lo.r, ratio=lo.ratio,
         targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
-        gradient_checkpointing=t.gradient_checkpointing, vocab_size=vocab, precision=t.precision,
+        gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers, vocab_size=vocab,
+        precision=t.precision,
         quantize=cfg.model.quantize, tied_embeddings=tied,
         expandable_segments="expandable_segments:true" in cfg.rank_env().get(
             "PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")).lower().replace(" ", ""),

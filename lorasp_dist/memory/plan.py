@@ -95,34 +95,51 @@ def verdict(plan: MemoryPlan, budget: Budget) -> str:
     return "\n".join(lines)
 
 
-def with_setting(cfg: RunConfig, ds_config: str, gradient_checkpointing: bool, micro_batch: int) -> RunConfig:
+def with_setting(cfg: RunConfig, ds_config: str, gradient_checkpointing: bool, micro_batch: int,
+                 checkpoint_layers: int | None = None) -> RunConfig:
     deepspeed = cfg.deepspeed.model_copy(update={"config": ds_config})
     train = cfg.train.model_copy(update={"gradient_checkpointing": gradient_checkpointing,
-                                         "micro_batch_size": micro_batch})
+                                         "checkpoint_layers": checkpoint_layers, "micro_batch_size": micro_batch})
     return cfg.model_copy(update={"deepspeed": deepspeed, "train": train})
 
 
 def search_fitting(cfg: RunConfig, world_size: int, budget: Budget) -> list[MemoryPlan]:
     """Every setting of (deepspeed.config, checkpointing, micro-batch) of this config that fits on GPUs, the expected
     fastest first: no offload before offloading the optimizer before offloading everything, no checkpointing before
-    checkpointing, larger micro-batches first."""
+    checkpointing, larger micro-batches first. With checkpointing, the fewest checkpointed layers that fit."""
     found = []
     for ds_config in DS_CONFIGS:
         for gc in (False, True):
             for mb in MICRO_BATCHES:
                 plan = plan_for_config(with_setting(cfg, ds_config, gc, mb), world_size, device="cuda")
                 if fits(plan, budget):
-                    found.append(plan)
+                    found.append(_fewest_checkpointed(cfg, plan, budget) if gc else plan)
     return found
+
+
+def _fewest_checkpointed(cfg: RunConfig, plan: MemoryPlan, budget: Budget) -> MemoryPlan:
+    """`plan` (every layer checkpointed, and it fits) with the fewest checkpointed layers that still fit: each
+    kept layer skips its recompute. Memory falls as checkpointed layers grow, so bisect; at least one layer stays
+    checkpointed (none at all is the no-checkpointing setting, searched on its own)."""
+    def at(n: int) -> MemoryPlan:
+        setting = with_setting(cfg, plan.ds_config, True, plan.micro_batch, n)
+        return plan_for_config(setting, plan.world_size, device="cuda")
+
+    lo, hi = 1, plan.preset_shape().num_hidden_layers  # hi fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(at(mid), budget) else (mid + 1, hi)
+    return plan if hi == plan.preset_shape().num_hidden_layers else at(hi)
 
 
 def setting_line(plan: MemoryPlan) -> str:
     """The plan's searched setting as ready-to-paste CLI overrides."""
     gc = str(plan.gradient_checkpointing).lower()
-    return (
+    line = (
         f"deepspeed.config={plan.ds_config} train.micro_batch_size={plan.micro_batch} "
         f"train.gradient_checkpointing={gc}"
     )
+    return line + (f" train.checkpoint_layers={plan.checkpoint_layers}" if plan.checkpoint_layers is not None else "")
 
 
 def adapter_line(plan: MemoryPlan) -> str | None:
@@ -143,6 +160,8 @@ def format_plan_table(plan: MemoryPlan, budget: Budget | None = None) -> str:
     """A plain-text table of GiB per rank per component, the totals, the adapter's bytes, the full fine-tune
     comparison and the verdict."""
     gc = "on" if plan.gradient_checkpointing else "off"
+    if plan.gradient_checkpointing and plan.checkpoint_layers is not None:
+        gc += f" (the first {plan.checkpoint_layers} of {plan.preset_shape().num_hidden_layers} layers)"
     out = [
         f"{plan.preset}: {plan.world_size} rank(s) on {plan.device}, variant {plan.variant}, {plan.ds_config}, "
         f"micro-batch {plan.micro_batch}, seq {plan.seq_len}, checkpointing {gc}",

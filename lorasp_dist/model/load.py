@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from lorasp_dist.config import ConfigError, RunConfig
+from lorasp_dist.config import ConfigError, RunConfig, TrainConfig
 from lorasp_dist.model.quant import make_linear4bit, quantize_nf4
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I64": torch.int64}
@@ -79,6 +79,22 @@ def decoder_layers(model: nn.Module, n: int | None = None) -> nn.ModuleList:
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return m
     raise ConfigError(f"model: found no list of {n} decoder layers in {type(model).__name__}")
+
+
+def enable_checkpointing(model: nn.Module, train: TrainConfig) -> list[nn.Module]:
+    """Gradient checkpointing as train.* asks, non-reentrant (it works with ZeRO-3's gather hooks and needs no input
+    requires-grad trick): on the first `checkpoint_layers` decoder layers, all when None. The checkpointed layers."""
+    if not train.gradient_checkpointing:
+        return []
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = list(decoder_layers(model))
+    n = len(layers) if train.checkpoint_layers is None else train.checkpoint_layers
+    if n > len(layers):
+        raise ConfigError(f"train.checkpoint_layers = {n}: more than the model's {len(layers)} decoder layers; "
+                          f"use 0 to {len(layers)}")
+    for layer in layers[n:]:  # transformers reads the flag per layer at every forward
+        layer.gradient_checkpointing = False
+    return layers[:n]
 
 
 def _load_module(
