@@ -221,7 +221,7 @@ class Recipe:
         from deepspeed.utils import set_z3_leaf_module
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
-        from lorasp_dist.lorasp import apply_lorasp, lorasp_layers
+        from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
         from lorasp_dist.model.load import enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
@@ -266,6 +266,7 @@ class Recipe:
             if cfg.deepspeed.fetch == "layer":
                 for layer in checkpointed:
                     set_z3_leaf_module(layer, True)
+                group_adapters(checkpointed)  # a layer fetched whole rebuilds its adapters in one pass
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -5,6 +5,7 @@ from lorasp_dist.lorasp.export import export_peft_adapter
 from lorasp_dist.lorasp.inject import (
     apply_lorasp,
     count_parameters,
+    group_adapters,
     load_lorasp_state_dict,
     lorasp_layers,
     lorasp_state_dict,
@@ -18,6 +19,7 @@ __all__ = [
     "apply_lorasp",
     "count_parameters",
     "export_peft_adapter",
+    "group_adapters",
     "load_lorasp_state_dict",
     "lorasp_layers",
     "lorasp_state_dict",

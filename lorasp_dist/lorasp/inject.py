@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lorasp_dist.config import ConfigError, LoRASPConfig
-from lorasp_dist.lorasp.layer import LoRASPLinear
+from lorasp_dist.lorasp.layer import AdapterGroup, LoRASPLinear
 
 
 def _matches(name: str, target: str) -> bool:
@@ -62,6 +62,16 @@ def apply_lorasp(model: nn.Module, cfg: LoRASPConfig) -> nn.Module:
 
 def lorasp_layers(model: nn.Module) -> list[LoRASPLinear]:
     return [m for m in model.modules() if isinstance(m, LoRASPLinear)]
+
+
+def group_adapters(decoder_layers: list[nn.Module]) -> None:
+    """The LoRA-SP projections of each of these decoder layers rebuild their matrices together (AdapterGroup): ~5×
+    fewer kernels a layer. Under ZeRO-3 only for layers fetched whole (leaf modules)."""
+    for decoder_layer in decoder_layers:
+        members = lorasp_layers(decoder_layer)
+        group = AdapterGroup(members) if len(members) > 1 else None
+        for layer in members:
+            layer.group = group
 
 
 def resample_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
