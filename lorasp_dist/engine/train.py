@@ -222,7 +222,7 @@ class Recipe:
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
-        from lorasp_dist.model.load import enable_checkpointing, ensure_base, load_base
+        from lorasp_dist.model.load import decoder_layers, enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
         if self.is_main:
@@ -260,13 +260,12 @@ class Recipe:
             for layer in lorasp_layers(model):
                 layer.lora_A.to(self.dtype)
                 layer.lora_B.to(self.dtype)
-            checkpointed = enable_checkpointing(model, cfg.train)
-            # Whole-layer fetches need the checkpointed recompute: without it, a backward through the saved graph
-            # finds some of a leaf layer's parameters released (seen on CPU, 2 ranks), so the others fetch per module.
+            enable_checkpointing(model, cfg.train)
             if cfg.deepspeed.fetch == "layer":
-                for layer in checkpointed:
+                layers = list(decoder_layers(model))
+                for layer in layers:
                     set_z3_leaf_module(layer, True)
-                group_adapters(checkpointed)  # a layer fetched whole rebuilds its adapters in one pass
+                group_adapters(layers)  # a layer fetched whole rebuilds its adapters in one pass
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
