@@ -166,8 +166,8 @@ class DeepSpeedConfig(_Section):
     config: Literal["zero3", "zero3_offload_optimizer", "zero3_offload_all"] = "zero3"
     # layer: ZeRO-3 gathers a decoder layer whole, in one coalesced all-gather, and hooks nothing inside it (a few
     # hundred gathers a step instead of thousands, each of which made the other rank wait on this one's host);
-    # module: every module on its own (DeepSpeed's default), a smaller live set. With `layer` each layer's adapters are
-    # also rebuilt in one pass (lorasp/layer.py, AdapterGroup).
+    # module: every module on its own (DeepSpeed's default), a smaller live set. Only checkpointed layers are fetched
+    # whole (see engine/train.py), and each of them rebuilds its adapters in one pass (lorasp/layer.py, AdapterGroup).
     fetch: Literal["layer", "module"] = "layer"
     # How many of ZeRO-3's fetches may be in flight before the host waits for the oldest (DeepSpeed fixes 2). Each
     # all-gather ends only once the other ranks' hosts have issued theirs, so at 2 every rank's host waits for the

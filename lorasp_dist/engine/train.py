@@ -222,7 +222,7 @@ class Recipe:
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
-        from lorasp_dist.model.load import decoder_layers, enable_checkpointing, ensure_base, load_base
+        from lorasp_dist.model.load import enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
         if self.is_main:
@@ -260,12 +260,14 @@ class Recipe:
             for layer in lorasp_layers(model):
                 layer.lora_A.to(self.dtype)
                 layer.lora_B.to(self.dtype)
-            enable_checkpointing(model, cfg.train)
+            checkpointed = enable_checkpointing(model, cfg.train)
+            # Whole-layer fetches need the checkpointed recompute: without any, the backward finds a leaf layer's
+            # parameters released (llama-65b on one H200, session 15; on CPU with 2 ranks before), so the layers
+            # that keep their activations fetch per module.
             if cfg.deepspeed.fetch == "layer":
-                layers = list(decoder_layers(model))
-                for layer in layers:
+                for layer in checkpointed:
                     set_z3_leaf_module(layer, True)
-                group_adapters(layers)  # a layer fetched whole rebuilds its adapters in one pass
+                group_adapters(checkpointed)  # a layer fetched whole rebuilds its adapters in one pass
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

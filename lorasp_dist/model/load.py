@@ -81,11 +81,11 @@ def decoder_layers(model: nn.Module, n: int | None = None) -> nn.ModuleList:
     raise ConfigError(f"model: found no list of {n} decoder layers in {type(model).__name__}")
 
 
-def enable_checkpointing(model: nn.Module, train: TrainConfig) -> None:
+def enable_checkpointing(model: nn.Module, train: TrainConfig) -> list[nn.Module]:
     """Gradient checkpointing as train.* asks, non-reentrant (it works with ZeRO-3's gather hooks and needs no input
-    requires-grad trick): on the first `checkpoint_layers` decoder layers, all when None."""
+    requires-grad trick): on the first `checkpoint_layers` decoder layers, all when None. The checkpointed layers."""
     if not train.gradient_checkpointing:
-        return
+        return []
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = list(decoder_layers(model))
     n = len(layers) if train.checkpoint_layers is None else train.checkpoint_layers
@@ -94,6 +94,7 @@ def enable_checkpointing(model: nn.Module, train: TrainConfig) -> None:
                           f"use 0 to {len(layers)}")
     for layer in layers[n:]:  # transformers reads the flag per layer at every forward
         layer.gradient_checkpointing = False
+    return layers[:n]
 
 
 def _load_module(
