@@ -50,11 +50,12 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
     return out
 
 
-# zero3 fetches whole decoder layers (the default) and profiles two steps; the offload configs fetch per module.
+# zero3 fetches whole decoder layers (the default) and profiles two steps; the offload configs fetch per module, or
+# checkpoint two of the four layers (fetched whole, their adapters rebuilt together) and keep two (fetched per module).
 @pytest.mark.parametrize("ds_config, extra", [
     ("zero3", ["deepspeed.fetch=layer", "train.profile_steps=[3]"]),
     ("zero3_offload_optimizer", ["deepspeed.fetch=module"]),
-    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16"]),
+    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16", "train.checkpoint_layers=2"]),
 ])
 def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
     run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=20", "train.save_every=0",
