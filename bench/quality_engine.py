@@ -103,6 +103,7 @@ def parse_args(argv=None):
                    help="engine micro-batches per step; the micro-batch is --batch-size / (ranks x this)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--address", default=None, help="a Ray cluster to join (auto or HOST:PORT; default: a local one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="reuse the runs OUT/study and OUT/engine_runs.jsonl hold")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; start no run that would end after it")
@@ -215,7 +216,7 @@ def engine_config(a, qa, base: Path, task: dict, variant: str, seed: int, lr: fl
     t.save_every, t.output_dir, t.run_name = 0, runs, f"{task['dir'].name}-{variant}-seed{seed}-lr{lr:g}"
     cfg.lorasp = LoRASPConfig(variant=variant, r=qa.rank, alpha=qa.alpha, ratio=qa.ratio, seed=seed)
     cfg.launcher = LauncherConfig(num_workers=a.num_workers, gpus_per_worker=a.gpus_per_worker,
-                                  cpus_per_worker=a.cpus_per_worker, max_failures=0)
+                                  cpus_per_worker=a.cpus_per_worker, max_failures=0, address=a.address)
     return cfg
 
 

@@ -1,6 +1,6 @@
 """Shared test set-up: one DeepSpeed extension cache for the whole run, its ops built in the background while the quick
 tests run first, CPU DeepSpeed, offline hubs; the tiny preset's tokenizer and base built once; one Ray cluster for the
-tests that join one with `--address`."""
+tests that join one with `--address`; one SLURM cluster, whose long jobs start with the first slow test."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 import torch
 from faults import write as write_fault_table
 from ray_cluster import RayEnv, RayHead
+from slurm_cluster import SlurmCluster, missing_binaries
+from slurm_jobs import NODE_CPUS, submit_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -96,3 +98,42 @@ def ray_cluster() -> Iterator[tuple[RayHead, dict]]:
             yield head, env
         finally:
             head.stop()
+
+
+def _slurm_missing() -> str | None:
+    missing = missing_binaries()
+    if missing:
+        return f"SLURM/munge not installed ({', '.join(missing)}): run .ci/setup as root"
+    return "slurmd must run as root" if os.geteuid() != 0 else None
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """A real single-node SLURM (tests/slurm_cluster.py), one for the session."""
+    missing = _slurm_missing()
+    if missing:
+        pytest.skip(missing)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=NODE_CPUS) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def slurm_jobs(slurm, seed_tiny, tmp_path_factory) -> Iterator[tuple[dict, dict]]:
+    """tests/slurm_jobs.py's jobs, submitted together; the two stopped mid-run get their signal from a thread,
+    whenever they run. Their tests wait for them in turn."""
+    queued, signals = submit_jobs(slurm, lambda name: seed_tiny(tmp_path_factory.mktemp(name)))
+    yield queued, signals
+    for job, _ in queued.values():  # kept after a failure, for its logs
+        shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def slurm_jobs_first(request) -> None:
+    """In a session with tests that read the SLURM jobs, the first slow test submits them, so that they run beside the
+    slow tests (tests/slurm_jobs.py). An error here is kept by pytest and reported by the tests that read the jobs."""
+    if "slow" in request.keywords and _slurm_missing() is None and \
+            any("slurm_jobs" in item.fixturenames for item in request.session.items):
+        try:
+            request.getfixturevalue("slurm_jobs")
+        except Exception:
+            pass

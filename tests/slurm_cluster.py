@@ -104,7 +104,8 @@ ReturnToService=2
 # The node is what this file says, even with more CPUs than the host has (cpus=...): it is not drained for it.
 SlurmdParameters=config_overrides
 JobRequeue=1
-MinJobAge=600
+# Ended jobs are kept a day (SLURM 22.05 takes 2 s as its least): a session reads jobs that ended minutes before.
+MinJobAge=86400
 # SLURM's default: a cancelled job's ranks checkpoint between its SIGTERM and its SIGKILL.
 KillWait=30
 SlurmctldTimeout=30

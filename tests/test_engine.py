@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from faults import record
 from ports import free_ports
 from safetensors.torch import load_file
 
+from lorasp_dist.cli import main
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.run_dir import LOCK_FILE
 
@@ -330,14 +332,19 @@ def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
          "lorasp.resample_every = 5: mask redraws are not supported with the optimizer offloaded to NVMe"),
     ],
 )
-def test_bad_input_fails_fast_with_exit_2(tmp_path, overrides, message):
+def test_bad_input_fails_fast_with_exit_2(tmp_path, overrides, message, capsys):
+    """`lorasp train`'s own entry point (what `python -m lorasp_dist` exits with), called in this process: a process
+    of its own would spend ~3 s a case importing torch and DeepSpeed."""
     (tmp_path / "empty.jsonl").write_text("")
     rows = [{"prompt": f"question {i}?", "response": f"answer number {i}."} for i in range(40)]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     t0 = time.time()
-    proc = _train_single(*(o.format(tmp=tmp_path) for o in overrides), cwd=tmp_path)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    with patch.dict(os.environ):  # what the CLI sets in the environment for its ranks stays out of later tests
+        code = main(["train", str(TINY), f"train.output_dir={tmp_path}", "train.eval_every=0",
+                     *(o.format(tmp=tmp_path) for o in overrides)])
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()
+    assert code == 2, stderr[-3000:]
     assert err[-1].startswith("error: ") and message.format(tmp=tmp_path) in err[-1], err[-1]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     assert time.time() - t0 < 60

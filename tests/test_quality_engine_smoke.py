@@ -1,7 +1,7 @@
 """bench/quality_engine.py end to end on CPU at tiny scale: a tiny LLaMA with a chat template, a BIG-bench-style
-classification task, the study's --base-4bit runs and the same runs through `lorasp launch` (2 CPU ranks on a local
-Ray, ZeRO-3, NF4 on load) and `lorasp eval`, then the comparison's records. The GPU run is the same command at full
-size (bench/results/quality/README.md)."""
+classification task, the study's --base-4bit runs and the same runs through `lorasp launch` (2 CPU ranks on the
+session's Ray cluster, `--address`; ZeRO-3, NF4 on load) and `lorasp eval`, then the comparison's records. The GPU run
+is the same command at full size, on a local Ray (bench/results/quality/README.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_cluster import RayEnv
 from test_instruct_smoke import CHAT_TEMPLATE
 from test_quality_smoke import load_quality, write_tasks
 from transformers import LlamaForCausalLM
@@ -66,33 +65,34 @@ def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
     assert not quality_engine.same_rows(study_rows, original, tok, 1, a)
 
 
-def test_engine_vs_study_end_to_end(tmp_path, chat_base):
+def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster):
     """Two seeds of LoRA-SP through both paths (lora differs only in lorasp.variant: two launches keep this short)."""
+    head, env = ray_cluster
     bb, work, out = write_tasks(tmp_path, n=100), tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "bench" / "quality_engine.py"), "--base", str(chat_base), "--bigbench-dir",
            str(bb), "--work", str(work), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp",
            "--seeds", "0", "1", "--lrs", "adapter=1e-3", "--steps", "3", "--batch-size", "4", "--max-seq-len", "64",
-           "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu"]
-    with RayEnv() as env:
-        env = {**env, "OMP_NUM_THREADS": "1"}
+           "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu", "--address",
+           head.address]
+    env = {**env, "OMP_NUM_THREADS": "1"}
 
-        def call(*extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    def call(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
-        # out of --time-budget: the study stops before its sweep ends, no launch starts, the record says incomplete
-        first = call("--time-budget", "1")
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-        assert not json.loads((out / "engine-vs-study.json").read_text())["complete"]
-        assert "INCOMPLETE" in (out / "engine-vs-study.md").read_text() and not (out / "engine_runs.jsonl").exists()
-        proc = call("--resume")
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        runs_before = (out / "engine_runs.jsonl").read_text()
-        # without --resume a call refuses in one line and touches nothing; with it, it finds nothing left to launch
-        refused = call()
-        assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
-        assert "Traceback" not in refused.stderr
-        again = call("--resume")
-        assert again.returncode == 0 and "engine test" not in again.stdout, again.stderr[-3000:]
+    # out of --time-budget: the study stops before its sweep ends, no launch starts, the record says incomplete
+    first = call("--time-budget", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    assert not json.loads((out / "engine-vs-study.json").read_text())["complete"]
+    assert "INCOMPLETE" in (out / "engine-vs-study.md").read_text() and not (out / "engine_runs.jsonl").exists()
+    proc = call("--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    runs_before = (out / "engine_runs.jsonl").read_text()
+    # without --resume a call refuses in one line and touches nothing; with it, it finds nothing left to launch
+    refused = call()
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
+    assert "Traceback" not in refused.stderr
+    again = call("--resume")
+    assert again.returncode == 0 and "engine test" not in again.stdout, again.stderr[-3000:]
     assert (out / "engine_runs.jsonl").read_text() == runs_before
 
     record = json.loads((out / "engine-vs-study.json").read_text())

@@ -1,19 +1,16 @@
 """`lorasp slurm` against a real single-node SLURM (munged, slurmctld, slurmd started by tests/slurm_cluster.py).
 
-Three jobs are queued together and share the node at once (1 CPU each, 2 workers of half a CPU, on a node that offers
-SLURM 3 CPUs), so their Ray clusters must keep apart: per-job temp dirs and ports. One gets USR1 mid-run, checkpoints,
-requeues itself, resumes in the same run directory and runs to the end; one is cancelled mid-run; one's loss goes NaN.
+The jobs that run long (preempted and requeued, cancelled, NaN: tests/slurm_jobs.py) are queued together before the
+session's first test and share the node at once; the tests here read what they did.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,36 +18,21 @@ from pathlib import Path
 import pytest
 import yaml
 from faults import record
-from slurm_cluster import SlurmCluster, missing_binaries
-from test_nonfinite import EXPLODE, check_nothing_saved_from_bad_steps
+from slurm_jobs import HALF_CPU, JOB_TIMEOUT_S, PREEMPT_STEPS, SAVE_EVERY, lorasp, steps_logged, submitted
+from test_nonfinite import check_nothing_saved_from_bad_steps
 
 from launcher.ray_launch import EXIT_STOPPED
 from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
-HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: the three jobs fit the 3-CPU node together
-NODE_CPUS = 3  # what the node offers SLURM, more than a 2-core host has: the three jobs run at once, not in two rounds
-PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
-PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
-JOB_TIMEOUT_S = 420
 
 
-def lorasp(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorasp_dist", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def submitted(proc: subprocess.CompletedProcess) -> tuple[str, Path]:
-    assert proc.returncode == 0, proc.stderr
-    job = re.search(r"submitted job (\d+)", proc.stdout)[1]
-    run_dir = Path(re.search(r"run dir: (\S+)", proc.stdout)[1])
-    return job, run_dir
-
-
-def steps_logged(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics" / "rank0.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+def queued_besides(slurm, slurm_jobs, *states: str) -> list[str]:
+    """Jobs in SLURM's queue (in these states, or any) other than the session's long jobs."""
+    ours = {job for job, _ in slurm_jobs[0].values()}
+    out = slurm.run("squeue", "-h", "-o", "%i", *(["-t", ",".join(states)] if states else []), check=False).stdout
+    return [job for job in out.split() if job not in ours]
 
 
 # --- rendering and bad input: no cluster needed ------------------------------------------------------------------
@@ -180,114 +162,55 @@ def test_no_sbatch_on_path(tmp_path):
 
 # --- a real SLURM ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}): run .ci/setup as root")
-    if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=NODE_CPUS) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def jobs(cluster, seed_tiny, tmp_path_factory):
-    """The jobs, submitted together: each starts as soon as a CPU is free, and the two that are stopped mid-run get
-    their signal from a thread, whenever they run (SignalMidRun). Their tests wait for them in turn."""
-    def submit(name: str, *overrides: str) -> tuple[str, Path]:
-        out = seed_tiny(tmp_path_factory.mktemp(name))
-        return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out}", *HALF_CPU, *overrides,
-                                env=cluster.env))
-
-    # the preempted job first: it runs twice, the longest of them, and then to the end (test_job_runs_to_completion)
-    queued = {"preempted": submit("preempted", *PREEMPT), "cancelled": submit("cancelled", *PREEMPT),
-              "nan": submit("nan", *EXPLODE)}
-    signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
-               "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
-    yield queued, signals
-    for job, _ in queued.values():  # kept after a failure, for its logs
-        shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
-
-
-class SignalMidRun(threading.Thread):
-    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 20
-    steps. `check()` waits for it and raises what went wrong, if anything."""
-
-    def __init__(self, cluster: SlurmCluster, job: str, run_dir: Path, *options: str):
-        super().__init__(daemon=True)
-        self.cluster, self.job, self.run_dir, self.options = cluster, job, run_dir, options
-        self.failure: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while len(steps_logged(self.run_dir)) < 3:
-                state = self.cluster.job_field(self.job, "JobState")
-                assert state in ("PENDING", "RUNNING"), state
-                assert time.monotonic() < deadline, "no training steps logged"
-                time.sleep(0.5)
-            self.cluster.run("scancel", *self.options, self.job)
-        except BaseException as e:  # handed to the test
-            self.failure = e
-
-    def check(self) -> None:
-        self.join(JOB_TIMEOUT_S)
-        assert not self.is_alive(), f"job {self.job}: still waiting for its third step"
-        if self.failure is not None:
-            raise self.failure
-
-
 @pytest.mark.slow
-def test_slurm_says_no(cluster, tmp_path):
+def test_slurm_says_no(slurm, slurm_jobs, tmp_path):
     def submit(*args):
-        return lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *args, env=cluster.env)
+        return lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *args, env=slurm.env)
 
     proc = submit("--partition", "nope")
     assert proc.returncode == 2 and "sbatch refused the job: sbatch: error: invalid partition" in proc.stderr
     for partition, args in (("cpuonly", ("--partition", "cpuonly")), ("debug", ())):
         proc = submit("launcher.gpus_per_worker=1", *args, "--gpus-per-node", "2")
         assert proc.returncode == 2 and f"partition '{partition}' has no GPUs" in proc.stderr, proc.stderr
-    proc = lorasp("slurm", "status", "1", env=cluster.env)
+    proc = lorasp("slurm", "status", "1", env=slurm.env)
     assert proc.returncode == 2 and "job 1: unknown to SLURM" in proc.stderr
-    assert not cluster.run("squeue", "-h", "-t", "PD", check=False).stdout.strip()  # nothing was queued
+    assert not queued_besides(slurm, slurm_jobs, "PD")  # nothing was queued
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("field", ["--partition", "--sbatch", "train.run_name", "train.output_dir"])
-def test_injection_never_runs_on_slurm(field, cluster, tmp_path):
+def test_injection_never_runs_on_slurm(field, slurm, slurm_jobs, tmp_path):
     """Submitted for real: the value is refused, nothing is queued, and the injected command never runs."""
     marker = tmp_path / "PWNED"
-    proc = lorasp("slurm", "submit", *injection(field, tmp_path), env=cluster.env)
+    proc = lorasp("slurm", "submit", *injection(field, tmp_path), env=slurm.env)
     if proc.returncode == 0:  # submitted after all: let the job run, to see what it did
         job = re.search(r"submitted job (\d+)", proc.stdout)[1]
-        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+        slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
     assert not marker.exists(), f"the injected command ran (job output: {proc.stdout})"
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {field} = "), proc.stderr
-    assert not cluster.run("squeue", "-h", check=False).stdout.strip()
+    assert not queued_besides(slurm, slurm_jobs)
 
 
 @pytest.mark.slow
-def test_directives_reach_slurm(cluster, tmp_path):
+def test_directives_reach_slurm(slurm, tmp_path):
     """Every #SBATCH line is read: a held job shows the time limit, the requeue flag and the extra options."""
     proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, "--time", "0:10:00",
-                  "--partition", "cpuonly", "--sbatch=--hold", "--sbatch=--comment=ignored", env=cluster.env)
+                  "--partition", "cpuonly", "--sbatch=--hold", "--sbatch=--comment=ignored", env=slurm.env)
     job, _ = submitted(proc)
     try:
-        fields = {f: cluster.job_field(job, f) for f in ("JobState", "TimeLimit", "Requeue", "Partition", "Reason")}
+        fields = {f: slurm.job_field(job, f) for f in ("JobState", "TimeLimit", "Requeue", "Partition", "Reason")}
     finally:
-        cluster.run("scancel", job, check=False)
+        slurm.run("scancel", job, check=False)
     assert fields == {"JobState": "PENDING", "TimeLimit": "00:10:00", "Requeue": "1", "Partition": "cpuonly",
                       "Reason": "JobHeldUser"}, fields
 
 
 @pytest.mark.slow
-def test_ray_that_does_not_come_up_fails_the_job(cluster, tmp_path):
+def test_ray_that_does_not_come_up_fails_the_job(slurm, tmp_path):
     # The head offers no CPUs (a later --num-cpus wins), so `ray status` never shows the allocation's.
-    env = {**cluster.env, "LORASP_RAY_ARGS": "--num-cpus=0", "LORASP_RAY_TIMEOUT": "5"}
+    env = {**slurm.env, "LORASP_RAY_ARGS": "--num-cpus=0", "LORASP_RAY_TIMEOUT": "5"}
     job, run_dir = submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, env=env))
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 180) == "FAILED"
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 180) == "FAILED"
     log = Path(f"{run_dir}.slurm-{job}.out").read_text()
     assert "error: the Ray cluster did not come up within 5s: want 1 nodes, 1 CPUs, 0 GPUs" in log
     assert "Ray cluster stopped" in log and not run_dir.exists()
@@ -297,11 +220,11 @@ def test_ray_that_does_not_come_up_fails_the_job(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
-    (job, run_dir), usr1 = jobs[0]["preempted"], jobs[1]["preempted"]
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, slurm_jobs):
+    (job, run_dir), usr1 = slurm_jobs[0]["preempted"], slurm_jobs[1]["preempted"]
     usr1.check()  # USR1 to the batch script, as SLURM sends it ahead of a preemption
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
-    assert cluster.job_field(job, "Restarts") == "1"
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
+    assert slurm.job_field(job, "Restarts") == "1"
     log = Path(f"{run_dir}.slurm-{job}.out").read_text()
     stopped = int(re.search(r"\[lorasp\] stopped at step (\d+) \(SIGUSR1\)", log)[1])
     assert stopped < PREEMPT_STEPS and f"requeued job {job}" in log and "(restart 1)" in log
@@ -312,48 +235,48 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, jobs):
 
 
 @pytest.mark.slow
-def test_job_runs_to_completion(cluster, jobs):
+def test_job_runs_to_completion(slurm, slurm_jobs):
     """The preempted job, once resumed, ends as a job that ran straight through does (the cancelled and NaN jobs show
     that a job nobody asked to requeue is not requeued)."""
-    job, run_dir = jobs[0]["preempted"]
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
+    job, run_dir = slurm_jobs[0]["preempted"]
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "COMPLETED"
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert (run_dir / "memory_report.json").is_file() and (run_dir / "memory_report.md").is_file()
     assert steps_logged(run_dir)[-1] == PREEMPT_STEPS
     assert not Path(f"/tmp/ray-{job}").exists()  # the job's Ray temp dir went with it
 
-    status = lorasp("slurm", "status", job, env=cluster.env)
+    status = lorasp("slurm", "status", job, env=slurm.env)
     assert status.returncode == 0 and f"job {job}: COMPLETED" in status.stdout and "(finished)" in status.stdout
-    logs = lorasp("slurm", "logs", job, env=cluster.env)
+    logs = lorasp("slurm", "logs", job, env=slurm.env)
     assert logs.returncode == 0
     assert "Ray cluster up: 1 nodes, 1 CPUs, 0 GPUs" in logs.stdout and "Ray cluster stopped" in logs.stdout
     assert "lorasp launch exited with 0" in logs.stdout
 
 
 @pytest.mark.slow
-def test_nan_run_fails_the_slurm_job_with_exit_4(cluster, jobs):
+def test_nan_run_fails_the_slurm_job_with_exit_4(slurm, slurm_jobs):
     """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why."""
-    job, run = jobs[0]["nan"]
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
-    assert cluster.job_field(job, "ExitCode") == "4:0" and cluster.job_field(job, "Restarts") == "0"
+    job, run = slurm_jobs[0]["nan"]
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
+    assert slurm.job_field(job, "ExitCode") == "4:0" and slurm.job_field(job, "Restarts") == "0"
     log = Path(f"{run}.slurm-{job}.out").read_text()
     assert f"error: the loss went NaN/inf, see {run}/nonfinite.json" in log and "lorasp launch exited with 4" in log
     check_nothing_saved_from_bad_steps(run)
 
 
 @pytest.mark.slow
-def test_scancel_checkpoints_and_does_not_requeue(cluster, jobs):
+def test_scancel_checkpoints_and_does_not_requeue(slurm, slurm_jobs):
     """Plain `scancel`: SIGTERM to every process of the job (Ray's included), SIGKILL KillWait seconds later. Every
     rank checkpoints in between, `lorasp launch` exits 3 and the job does not requeue."""
-    (job, run_dir), cancel = jobs[0]["cancelled"], jobs[1]["cancelled"]
+    (job, run_dir), cancel = slurm_jobs[0]["cancelled"], slurm_jobs[1]["cancelled"]
     cancel.check()
     log_file = Path(f"{run_dir}.slurm-{job}.out")
     deadline = time.monotonic() + 120
     while "Ray cluster stopped" not in log_file.read_text() and time.monotonic() < deadline:
         time.sleep(1)
     log = log_file.read_text()
-    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
+    assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 60) == "CANCELLED"
     stopped = re.search(r"\[lorasp\] stopped at step (\d+) \(SIGTERM\)", log)
     exit_code = re.search(r"lorasp launch exited with (\d+)", log)
     checkpoint = ckpt.step_dir(run_dir, int(stopped[1])) if stopped else None
@@ -365,5 +288,5 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, jobs):
            outcome=f"checkpoint at step {stopped[1]}, not requeued" if intact else "no checkpoint")
     assert stopped and intact, log[-4000:]
     assert int(exit_code[1]) == EXIT_STOPPED and lost == 0
-    assert "requeued" not in log and cluster.job_field(job, "Restarts") == "0"
+    assert "requeued" not in log and slurm.job_field(job, "Restarts") == "0"
     assert "Ray cluster stopped" in log

@@ -1,0 +1,93 @@
+"""The SLURM jobs that tests/test_slurm.py reads, and what submits and signals them.
+
+Three jobs are queued together and share the node at once (1 CPU each, 2 workers of half a CPU, on a node that offers
+SLURM more CPUs than the host has), so their Ray clusters must keep apart: per-job temp dirs and ports. One gets USR1
+mid-run, checkpoints, requeues itself, resumes in the same run directory and runs to the end; one is cancelled mid-run;
+one's loss goes NaN.
+
+They take minutes: conftest.py submits them when the session's first slow test starts, so that they run beside the
+other slow tests, whose runs leave part of the 2 CPUs idle; their tests, which run last, mostly find them done.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from slurm_cluster import SlurmCluster
+from test_nonfinite import EXPLODE
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
+HALF_CPU = ("launcher.cpus_per_worker=0.5",)  # 2 workers in 1 CPU: the three jobs fit the node together
+# What the node offers SLURM, more than a 2-core host has: the three jobs and test_slurm.py's own run at once.
+NODE_CPUS = 4
+PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
+PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
+JOB_TIMEOUT_S = 420
+SIGNAL_WITHIN_S = 1200  # from the jobs' submission: they run beside the other slow tests
+
+
+def lorasp(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorasp_dist", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def submitted(proc: subprocess.CompletedProcess) -> tuple[str, Path]:
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"submitted job (\d+)", proc.stdout)[1]
+    run_dir = Path(re.search(r"run dir: (\S+)", proc.stdout)[1])
+    return job, run_dir
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics" / "rank0.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def submit_jobs(cluster: SlurmCluster, out_dir) -> tuple[dict, dict]:
+    """({name: (job, run_dir)}, {name: SignalMidRun}); `out_dir(name)` is a train.output_dir for the job."""
+    def submit(name: str, *overrides: str) -> tuple[str, Path]:
+        return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out_dir(name)}", *HALF_CPU,
+                                *overrides, env=cluster.env))
+
+    # the preempted job first: it runs twice, the longest of them, and then to the end (test_job_runs_to_completion)
+    queued = {"preempted": submit("preempted", *PREEMPT), "cancelled": submit("cancelled", *PREEMPT),
+              "nan": submit("nan", *EXPLODE)}
+    signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
+               "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
+    return queued, signals
+
+
+class SignalMidRun(threading.Thread):
+    """`scancel [OPTIONS] JOB` once the job's run has logged 3 steps: mid-run, training under way and far from its 20
+    steps. `check()` waits for it and raises what went wrong, if anything."""
+
+    def __init__(self, cluster: SlurmCluster, job: str, run_dir: Path, *options: str):
+        super().__init__(daemon=True)
+        self.cluster, self.job, self.run_dir, self.options = cluster, job, run_dir, options
+        self.failure: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + SIGNAL_WITHIN_S
+            while len(steps_logged(self.run_dir)) < 3:
+                state = self.cluster.job_field(self.job, "JobState")
+                assert state in ("PENDING", "RUNNING"), state
+                assert time.monotonic() < deadline, "no training steps logged"
+                time.sleep(0.5)
+            self.cluster.run("scancel", *self.options, self.job)
+        except BaseException as e:  # handed to the test
+            self.failure = e
+
+    def check(self) -> None:
+        self.join(SIGNAL_WITHIN_S)
+        assert not self.is_alive(), f"job {self.job}: still waiting for its third step"
+        if self.failure is not None:
+            raise self.failure
