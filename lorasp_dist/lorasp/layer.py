@@ -71,6 +71,40 @@ class SparseMatrix(nn.Module):
         """Part trains, part is frozen: the matrix is rebuilt through its mask."""
         return self.mask_bits is not None
 
+    @torch.no_grad()
+    def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Swap in a new mask with the same count. Values are kept; optimizer state follows each entry that stays
+        trainable and starts at zero for an entry that becomes trainable."""
+        old = self.mask
+        mask = mask.to(old.device)
+        state = optimizer.state.get(self.train_values, {}) if optimizer is not None else {}
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == self.train_values.shape:
+                value.copy_(repack(value, old, mask))
+        self.store(self.dense(), mask)
+
+    @torch.no_grad()
+    def store(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
+        """Hold `dense` under `mask`, which has as many trainable entries as the current one. In place: whatever
+        holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
+        self.train_values.copy_(dense[mask])
+        if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
+            self.frozen_values = nn.Parameter(dense[~mask].clone(), requires_grad=False)
+        else:
+            self.frozen_values.copy_(dense[~mask])
+        self.mask_bits.copy_(pack_mask(mask))
+
+
+def repack(packed: torch.Tensor, old: torch.Tensor, new: torch.Tensor, fill: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Per-entry values of the trainable entries under mask `old` (packed, as `train_values`) -> the same under mask
+    `new`: an entry that stays trainable keeps its value, one that becomes trainable takes its value in `fill` (a
+    dense matrix), or zero."""
+    old, new = old.to(packed.device), new.to(packed.device)
+    full = packed.new_zeros(old.shape) if fill is None else fill.to(packed.device, packed.dtype, copy=True)
+    full[old] = packed
+    return full[new]
+
 
 def dense_together(matrices: list[SparseMatrix]) -> list[torch.Tensor]:
     """The dense matrices of masked SparseMatrix objects, rebuilt in one pass over their concatenation: one unpack,
@@ -129,40 +163,6 @@ class AdapterGroup:
             if id(m) not in dense:
                 dense[id(m)] = m.dense()
         return {id(layer): (dense[id(layer.lora_A)], dense[id(layer.lora_B)]) for layer in self.layers}
-
-    @torch.no_grad()
-    def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Swap in a new mask with the same count. Values are kept; optimizer state follows each entry that stays
-        trainable and starts at zero for an entry that becomes trainable."""
-        old = self.mask
-        mask = mask.to(old.device)
-        state = optimizer.state.get(self.train_values, {}) if optimizer is not None else {}
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == self.train_values.shape:
-                value.copy_(repack(value, old, mask))
-        self.store(self.dense(), mask)
-
-    @torch.no_grad()
-    def store(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
-        """Hold `dense` under `mask`, which has as many trainable entries as the current one. In place: whatever
-        holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
-        self.train_values.copy_(dense[mask])
-        if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
-            self.frozen_values = nn.Parameter(dense[~mask].clone(), requires_grad=False)
-        else:
-            self.frozen_values.copy_(dense[~mask])
-        self.mask_bits.copy_(pack_mask(mask))
-
-
-def repack(packed: torch.Tensor, old: torch.Tensor, new: torch.Tensor, fill: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """Per-entry values of the trainable entries under mask `old` (packed, as `train_values`) -> the same under mask
-    `new`: an entry that stays trainable keeps its value, one that becomes trainable takes its value in `fill` (a
-    dense matrix), or zero."""
-    old, new = old.to(packed.device), new.to(packed.device)
-    full = packed.new_zeros(old.shape) if fill is None else fill.to(packed.device, packed.dtype, copy=True)
-    full[old] = packed
-    return full[new]
 
 
 class LoRASPLinear(nn.Module):
