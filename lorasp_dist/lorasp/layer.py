@@ -115,8 +115,8 @@ def dense_together(matrices: list[SparseMatrix]) -> list[torch.Tensor]:
     first = matrices[0]
     numels = [m.numel for m in matrices]
     total = sum(numels)
-    values = torch.cat([m.train_values for m in matrices]) if len(matrices) > 1 else first.train_values
-    bits = torch.cat([m.mask_bits for m in matrices]) if len(matrices) > 1 else first.mask_bits
+    values = _joined([m.train_values for m in matrices])
+    bits = _joined([m.mask_bits for m in matrices])
     mask = unpack_mask(bits, total, first.bit_values)
     seen = mask.cumsum(0, dtype=torch.int32)  # trainable entries up to and including each position
     # Where the mask is off the first gather reads a neighbour and the where() drops it: its gradient there is an
@@ -125,11 +125,15 @@ def dense_together(matrices: list[SparseMatrix]) -> list[torch.Tensor]:
     if first.frozen_values is None:  # B's zeros (until a redraw), not stored
         dense = torch.where(mask, trained, 0.0)
     else:
-        frozen = torch.cat([m.frozen_values for m in matrices]) if len(matrices) > 1 else first.frozen_values
+        frozen = _joined([m.frozen_values for m in matrices])
         before = torch.arange(total, dtype=torch.int32, device=mask.device).sub_(seen)  # frozen entries before
         held = frozen.to(values.dtype).index_select(0, before.clamp_(0, frozen.numel() - 1))
         dense = torch.where(mask, trained, held)
     return [d.view(m.shape) for d, m in zip(dense.split(numels), matrices)]
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)  # one matrix alone: no copy
 
 
 class AdapterGroup:

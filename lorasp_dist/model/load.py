@@ -88,10 +88,7 @@ def enable_checkpointing(model: nn.Module, train: TrainConfig) -> list[nn.Module
         return []
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = list(decoder_layers(model))
-    n = len(layers) if train.checkpoint_layers is None else train.checkpoint_layers
-    if n > len(layers):
-        raise ConfigError(f"train.checkpoint_layers = {n}: more than the model's {len(layers)} decoder layers; "
-                          f"use 0 to {len(layers)}")
+    n = len(layers) if train.checkpoint_layers is None else train.checkpoint_layers  # bounded by check_inputs
     for layer in layers[n:]:  # transformers reads the flag per layer at every forward
         layer.gradient_checkpointing = False
     return layers[:n]
