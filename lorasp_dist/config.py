@@ -174,6 +174,10 @@ class DeepSpeedConfig(_Section):
     # slowest one layer after layer; more lets each host queue its compute ahead (a released gather stays reserved
     # until the GPU has read it).
     fetches_in_flight: int = Field(2, ge=1)
+    # The first N decoder layers keep their frozen 4-bit weights whole on every rank, outside ZeRO-3: never gathered
+    # (three gathers a layer a step, forward, recompute and backward, otherwise), at the cost of holding them whole.
+    # `lorasp plan --gpu-mem` prints the most that fit; with one rank all of them cost nothing.
+    resident_layers: int = Field(0, ge=0)
     overrides: dict[str, Any] = Field(default_factory=dict)  # merged into the JSON template, e.g. zero_optimization.*
 
 

@@ -198,5 +198,9 @@ def check_inputs(cfg: RunConfig) -> None:
     if layers is not None and checkpointed is not None and checkpointed > layers:
         raise ConfigError(f"train.checkpoint_layers = {checkpointed}: more than the model's {layers} decoder layers "
                           f"({where}); use 0 to {layers}")
+    resident = cfg.deepspeed.resident_layers
+    if layers is not None and resident > layers:
+        raise ConfigError(f"deepspeed.resident_layers = {resident}: more than the model's {layers} decoder layers "
+                          f"({where}); use 0 to {layers}")
     check_data(cfg.data)
     check_tokenizer(cfg, vocab, where)

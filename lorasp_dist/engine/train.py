@@ -284,14 +284,17 @@ class Recipe:
         self._drop_metrics_after(self.step)
 
     def _write_partition_record(self):
-        """What this rank holds: ZeRO-3 parameter metadata (full size ds_numel vs the local ds_tensor)."""
+        """What this rank holds: ZeRO-3 parameter metadata (full size ds_numel vs the local ds_tensor), and the
+        resident layers' 4-bit weights and absmax, whole (buffers: model/quant.py)."""
         total = local = 0
         for p in self.engine.module.parameters():
             total += p.ds_numel * p.element_size()
             local += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        resident = sum(b.numel() * b.element_size() for m in self.engine.module.modules()
+                       if hasattr(m, "forward_with_lora") for b in m.buffers(recurse=False))  # 4-bit layers'
         coordinator, name = _fetch_events(self.engine)
         record = {"rank": self.rank, "world_size": self.world, "param_bytes_total": total, "param_bytes_local": local,
-                  "fetches_in_flight": getattr(coordinator, name, None)}
+                  "resident_bytes": resident, "fetches_in_flight": getattr(coordinator, name, None)}
         path = self.run_dir / "partition" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))

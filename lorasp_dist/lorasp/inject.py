@@ -97,9 +97,11 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         for m in (layer.lora_A, layer.lora_B):
             adapter_params.update(id(p) for p in m.parameters())
             frozen_adapter += m.n_frozen
-    # a 4-bit weight's absmax (model/quant.py) is a parameter for ZeRO-3's sake, but a quant constant, not a weight
-    constants = {id(p.quant_state.absmax) for p in model.parameters() if getattr(p, "quant_state", None) is not None}
-    for p in model.parameters():
+    # a 4-bit weight's absmax (model/quant.py) is a parameter for ZeRO-3's sake, but a quant constant, not a weight;
+    # a resident layer's 4-bit weights are buffers (deepspeed.resident_layers), weights all the same
+    weights = [*model.parameters(), *(b for b in model.buffers() if getattr(b, "quant_state", None) is not None)]
+    constants = {id(p.quant_state.absmax) for p in weights if getattr(p, "quant_state", None) is not None}
+    for p in weights:
         n = _logical_numel(p)
         if p.requires_grad:
             trainable += n

@@ -163,6 +163,7 @@ class MemoryPlan:
     counts: dict[str, int] = field(default_factory=dict)  # parameter counts behind the bytes
     adapter: dict[str, int] = field(default_factory=dict)  # ADAPTER_TERMS -> bytes per rank, GPU and host together
     checkpoint_layers: int | None = None  # with checkpointing: the first N decoder layers are checkpointed (None: all)
+    resident_layers: int = 0  # the first N decoder layers' 4-bit weights are whole on every rank, outside ZeRO-3
 
     @property
     def gpu_total(self) -> int:
@@ -203,7 +204,7 @@ class MemoryPlan:
         kw = dict(
             world_size=self.world_size, micro_batch=self.micro_batch, seq_len=self.seq_len, ds_config=self.ds_config,
             gradient_checkpointing=self.gradient_checkpointing, checkpoint_layers=self.checkpoint_layers,
-            variant=self.variant, device=self.device,
+            resident_layers=self.resident_layers, variant=self.variant, device=self.device,
             **self.settings,
         )
         kw.update(changes)
@@ -326,18 +327,23 @@ class _Param:
 
 def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: int, ratio: float,
                 keep_frozen: bool, lora_bytes: int, tied: bool,
-                partition_absmax: bool = True) -> tuple[list[_Param], dict[str, int]]:
-    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants).
+                partition_absmax: bool = True, resident_layers: int = 0) -> tuple[list[_Param], dict[str, int]]:
+    """Every ZeRO-3 parameter in forward order, plus the non-partitioned bytes (quant constants, and the 4-bit
+    weights and absmax of the first `resident_layers` layers, which are buffers whole on every rank).
     A tied lm_head is the embedding's parameter: it is not a second one."""
     full = variant == "full"
     params = [_Param("bf16_weights", p.vocab_size * p.hidden_size, BASE_BYTES, full, None, "embed_tokens")]
-    fixed = {"quant_constants": 0}
+    fixed = {"quant_constants": 0, "base_weights_4bit": 0}
     shapes = p.linear_shapes()
     for layer in range(p.num_hidden_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             params.append(_Param("bf16_weights", p.hidden_size, BASE_BYTES, full, layer, norm))
         for name, (out_f, in_f) in shapes.items():
-            if quantize and not full:
+            if quantize and not full and layer < resident_layers:
+                storage, constants = nf4_bytes(out_f * in_f)
+                fixed["base_weights_4bit"] += storage
+                fixed["quant_constants"] += constants
+            elif quantize and not full:
                 storage, constants = nf4_bytes(out_f * in_f)
                 params.append(_Param("base_weights_4bit", storage // QUANT_STORAGE_BYTES, QUANT_STORAGE_BYTES,
                                      False, layer, name))
@@ -462,6 +468,7 @@ def plan_memory(
     resample_every: int = 0,
     gradient_checkpointing: bool = True,
     checkpoint_layers: int | None = None,
+    resident_layers: int = 0,
     device: str = "cuda",
     vocab_size: int | None = None,
     precision: str = "bf16",
@@ -469,12 +476,14 @@ def plan_memory(
     tied_embeddings: bool = False,
     expandable_segments: bool = True,
     partition_absmax: bool = True,
+    keep_dequantized: bool = True,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
     `ds` is the DeepSpeed config dict (ds_config.build_ds_config: what deepspeed.initialize receives); `ds_config`
     only names it. plan_for_config fills every argument from a run config. `partition_absmax=False` plans the code
-    before the 4-bit absmax became a ZeRO-3 parameter (every rank held all of it): for records measured then."""
+    before the 4-bit absmax became a ZeRO-3 parameter (every rank held all of it), `keep_dequantized=False` the code
+    before a checkpointed layer's recompute kept its dequantized weights: for records measured then."""
     name, p = resolve_preset(preset)
     if vocab_size:
         p = Preset(**{**asdict(p), "vocab_size": vocab_size})
@@ -497,10 +506,10 @@ def plan_memory(
     W = world_size
 
     params, fixed = _parameters(p, variant, quantized, targets, r, ratio, resample_every > 0, lora_bytes,
-                                tied_embeddings, partition_absmax)
+                                tied_embeddings, partition_absmax, resident_layers)
     gpu = dict.fromkeys(GPU_COMPONENTS, 0)
     host = dict.fromkeys(HOST_COMPONENTS + GPU_COMPONENTS, 0)
-    gpu.update(fixed)  # the nested quant constants are not parameters: ZeRO-3 never partitions them
+    gpu.update(fixed)  # not parameters (nested quant constants, resident layers): ZeRO-3 never partitions them
     adapter = dict.fromkeys(ADAPTER_TERMS, 0)
 
     # ZeRO-3 partitions each parameter into ceil(numel / W) elements per rank (padded). A parameter of at most
@@ -520,19 +529,19 @@ def plan_memory(
             and persisted + prm.numel <= zero.model_persistence_threshold // W
         )
         traversed_layer[prm.layer] = traversed_layer.get(prm.layer, 0) + prm.numel
-        resident = ((prm.numel * (W > 1) if persist else 0) + part) * prm.elem_bytes
+        held = ((prm.numel * (W > 1) if persist else 0) + part) * prm.elem_bytes
         if prm.component in _ADAPTER_COMPONENTS:
-            adapter[_ADAPTER_COMPONENTS[prm.component]] += resident  # on the GPU or the host
+            adapter[_ADAPTER_COMPONENTS[prm.component]] += held  # on the GPU or the host
         if persist:
             persisted += prm.numel
-            gpu[prm.component] += resident
+            gpu[prm.component] += held
         else:
             if offload_param:
-                host["offloaded_params"] += resident
+                host["offloaded_params"] += held
                 if zero.pin_param:  # partition_parameters.py _partition_param: each partition is pinned alone
-                    host["pinned_overhead"] += pinned_bytes(resident) - resident
+                    host["pinned_overhead"] += pinned_bytes(held) - held
             else:
-                gpu[prm.component] += resident
+                gpu[prm.component] += held
             if prm.layer is not None:
                 gathered_layer[prm.layer] = gathered_layer.get(prm.layer, 0) + prm.numel * prm.elem_bytes
                 largest = max(largest, prm.numel)
@@ -616,7 +625,13 @@ def plan_memory(
                  if 0 < trainable_count(n, matrix_ratio) < n)
     act = _activations(p, seq_len * micro_batch, targets, r, full, checkpointed, masked)
     # bitsandbytes dequantizes the whole 4-bit weight to bf16 for a matmul over many tokens, forward and backward.
-    dequant = max(o * i for o, i in p.linear_shapes().values()) * BASE_BYTES if quantized else 0
+    # A checkpointed layer's recompute keeps each adapted projection's dequantized weight for its backward
+    # (model/quant.py), so the layer under backward holds all of them.
+    shapes = p.linear_shapes()
+    dequant = max(o * i for o, i in shapes.values())
+    if checkpointed and keep_dequantized and not full:
+        dequant = max(dequant, sum(o * i for t, (o, i) in shapes.items() if t in targets))
+    dequant = dequant * BASE_BYTES if quantized else 0
     phases = {
         "loss": {"activations": act["stored"], "logits": act["logits"], "zero3_gather_buffers": gather_loss},
         "layer": {
@@ -648,12 +663,13 @@ def plan_memory(
     linear = L * sum(o * i for o, i in p.linear_shapes().values())
     return MemoryPlan(
         preset=name, world_size=W, micro_batch=micro_batch, seq_len=seq_len, ds_config=ds_config,
-        gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers, variant=variant,
-        gpu=gpu, host=host,
+        gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers,
+        resident_layers=resident_layers, variant=variant, gpu=gpu, host=host,
         full_ft_bytes=ft_total, full_ft_breakdown=ft_breakdown, device=device, peak_phase=peak_phase,
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
                       quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
-                      expandable_segments=expandable_segments, partition_absmax=partition_absmax),
+                      expandable_segments=expandable_segments, partition_absmax=partition_absmax,
+                      keep_dequantized=keep_dequantized),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
@@ -700,7 +716,8 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         ds_config=cfg.deepspeed.config, device=device,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len, r=lo.r, ratio=lo.ratio,
         targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
-        gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers, vocab_size=vocab,
+        gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
+        resident_layers=cfg.deepspeed.resident_layers, vocab_size=vocab,
         precision=t.precision,
         quantize=cfg.model.quantize, tied_embeddings=tied,
         expandable_segments="expandable_segments:true" in cfg.rank_env().get(

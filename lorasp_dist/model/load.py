@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lorasp_dist.config import ConfigError, RunConfig, TrainConfig
-from lorasp_dist.model.quant import make_linear4bit, quantize_nf4
+from lorasp_dist.model.quant import keep_dequantized, make_linear4bit, quantize_nf4
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I64": torch.int64}
 
@@ -91,17 +91,20 @@ def enable_checkpointing(model: nn.Module, train: TrainConfig) -> list[nn.Module
     n = len(layers) if train.checkpoint_layers is None else train.checkpoint_layers  # bounded by check_inputs
     for layer in layers[n:]:  # transformers reads the flag per layer at every forward
         layer.gradient_checkpointing = False
+    for layer in layers[:n]:
+        keep_dequantized(layer)
     return layers[:n]
 
 
 def _load_module(
     module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype, quantize: bool, skip: set[str],
-    read_weights: bool = True,
+    read_weights: bool = True, resident: bool = False,
 ) -> None:
     """Fill every meta parameter under `module` (named `prefix`) from the checkpoint, in place.
 
     With read_weights off, large tensors are allocated but not read: ZeRO-3 broadcasts rank 0's values when it
-    partitions the module, so the other ranks of a node never page the checkpoint in.
+    partitions the module, so the other ranks of a node never page the checkpoint in. `resident`: the 4-bit weights
+    stay whole on this rank, out of ZeRO-3's reach (make_linear4bit), so every rank reads them.
     """
     read = reader.get if read_weights else reader.placeholder
     for name, child in list(module.named_modules()):
@@ -111,11 +114,11 @@ def _load_module(
             if f"{key}.absmax" in reader:  # pre-quantized 4-bit
                 tensors = {k.removeprefix(f"{full}."): reader.get(k) for k in reader.where if k.startswith(f"{key}.")}
                 tensors["weight"] = read(key)
-                _replace(module, name, make_linear4bit(tensors, device))
+                _replace(module, name, make_linear4bit(tensors, device, resident))
                 continue
             if quantize:
                 w = reader.get(key).to(device=device, dtype=torch.bfloat16)
-                _replace(module, name, make_linear4bit(quantize_nf4(w), device))
+                _replace(module, name, make_linear4bit(quantize_nf4(w), device, resident))
                 continue
         for pname, p in list(child.named_parameters(recurse=False)):
             key = f"{full}.{pname}"
@@ -138,7 +141,8 @@ def load_base(
     read_weights: bool = True,
 ) -> nn.Module:
     """The base model of `path` on `device`, 4-bit unless model.quantize is off, every module passed to `partition`
-    right after it is loaded (ZeRO-3's zero.Init(module=...) in the engine)."""
+    right after it is loaded (ZeRO-3's zero.Init(module=...) in the engine). The 4-bit weights of the first
+    deepspeed.resident_layers decoder layers are not ZeRO-3's to partition (make_linear4bit)."""
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,7 +163,9 @@ def load_base(
     layers_prefix = next(n for n, m in model.named_modules() if m is layers) + "."
     lm_head = {"lm_head"}  # kept in bf16: the output projection is small next to the layers and precision-sensitive
     for i, layer in enumerate(layers):
-        _load_module(layer, f"{layers_prefix}{i}.", reader, device, dtype, quantize, set(), read_weights or quantize)
+        resident = i < cfg.deepspeed.resident_layers
+        _load_module(layer, f"{layers_prefix}{i}.", reader, device, dtype, quantize, set(),
+                     read_weights or quantize or resident, resident)
         partition(layer)
         reader.close()  # one shard per layer in our checkpoints: unmap it before reading the next
     for name, child in model.named_children():

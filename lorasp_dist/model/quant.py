@@ -52,19 +52,19 @@ class _Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight) -> torch.Tensor:
-        import bitsandbytes.functional as F
-
         ctx.weight = weight
-        w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(x.dtype)
-        return x @ w.t()
+        return x @ _dequantized(weight, x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        import bitsandbytes.functional as F
+        return grad @ _dequantized(ctx.weight, grad.dtype), None
 
-        weight = ctx.weight
-        w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(grad.dtype)
-        return grad @ w, None
+
+def _dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit weight as a dense matrix, read through the Parameter (or resident buffer): its data now."""
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(dtype)
 
 
 class _LoRAMatmul4bit(torch.autograd.Function):
@@ -73,34 +73,31 @@ class _LoRAMatmul4bit(torch.autograd.Function):
     Parameter, never its gathered storage, for the reason _Matmul4bit gives."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        import bitsandbytes.functional as F
-
+    def forward(ctx, x: torch.Tensor, weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                keep_dequantized: bool) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(x.dtype)
+        w = _dequantized(weight, x.dtype)
         xa = x2 @ a.t()
         out = torch.addmm(x2 @ w.t(), xa, b.t(), alpha=scaling)
         ctx.weight, ctx.scaling = weight, scaling
-        ctx.save_for_backward(x2, a, b, xa)
+        ctx.save_for_backward(x2, a, b, xa, *([w] if keep_dequantized else []))
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        import bitsandbytes.functional as F
-
-        x2, a, b, xa = ctx.saved_tensors
+        x2, a, b, xa, *kept = ctx.saved_tensors
         weight, s = ctx.weight, ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
         gb = (g @ b).mul_(s)  # the gradient at the adapter's r-wide middle
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            w = F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(g.dtype)
+            w = kept[0] if kept else _dequantized(weight, g.dtype)
             grad_x = torch.addmm(g @ w, gb, a).view(*grad.shape[:-1], a.shape[1])
         if ctx.needs_input_grad[2]:
             grad_a = gb.t() @ x2
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ xa).mul_(s)
-        return grad_x, None, grad_a, grad_b, None
+        return grad_x, None, grad_a, grad_b, None, None
 
 
 def _linear4bit_class():
@@ -108,6 +105,8 @@ def _linear4bit_class():
 
     class Linear4bitZeRO(bnb.nn.Linear4bit):
         """bitsandbytes' Linear4bit (same weights, same state dict) with a ZeRO-3-safe matmul (see _Matmul4bit)."""
+
+        keep_dequantized = False  # see keep_dequantized()
 
         def _constants(self) -> None:
             """Read the absmax Parameter through the module: a per-module ZeRO-3 fetch that reaches this layer only
@@ -126,15 +125,26 @@ def _linear4bit_class():
             """This layer plus a LoRA adapter (dense A: r x in, B: out x r, in the compute dtype), fused."""
             dtype = x.dtype
             self._constants()
-            out = _LoRAMatmul4bit.apply(x.to(self.compute_dtype), self.weight, a, b, scaling)
+            out = _LoRAMatmul4bit.apply(x.to(self.compute_dtype), self.weight, a, b, scaling, self.keep_dequantized)
             return (out if self.bias is None else out + self.bias.to(out.dtype)).to(dtype)
 
     return Linear4bitZeRO
 
 
-def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str):
+def keep_dequantized(checkpointed_layer: torch.nn.Module) -> None:
+    """The fused 4-bit projections of a checkpointed layer save their dequantized weight for backward. The forward's
+    saved tensors are dropped by the checkpoint, and the recompute's live only from the layer's recompute to each
+    projection's backward: one dequantize fewer per projection and step, for one layer's dense weights held at a
+    time (1.6 GB at 65B)."""
+    for m in checkpointed_layer.modules():
+        if hasattr(m, "forward_with_lora"):
+            m.keep_dequantized = True
+
+
+def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str, resident: bool = False):
     """A 4-bit linear layer (a bitsandbytes Linear4bit) holding pre-quantized `tensors` (the output of
-    quantize_nf4), on `device`."""
+    quantize_nf4), on `device`. `resident`: the packed weight and its absmax are buffers, not parameters, so ZeRO-3
+    (which partitions and gathers parameters only) leaves them whole on this rank."""
     import bitsandbytes as bnb
 
     stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
@@ -156,6 +166,10 @@ def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str
     # bitsandbytes repacks weights in place for AVX512-BF16 CPU inference; under ZeRO-3 that would desynchronise the
     # gathered tensor from its partition and its quant state, so keep the portable layout.
     layer.support_avx512bf16_for_cpu = False
+    if resident:
+        for name in ("weight", "absmax"):
+            if name in layer._parameters:
+                layer.register_buffer(name, layer._parameters.pop(name))
     return layer
 
 
