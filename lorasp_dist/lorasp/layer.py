@@ -8,6 +8,7 @@ rebuilt from both halves at every forward, without a device-to-host sync (see `S
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -243,5 +244,6 @@ class LoRASPLinear(nn.Module):
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
+    # a resident 4-bit layer (model/quant.py) holds its weight as a buffer
+    p = next(itertools.chain(module.parameters(), module.buffers()), None)
     return p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
