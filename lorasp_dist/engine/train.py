@@ -7,6 +7,7 @@ Run it under torchrun / the deepspeed launcher / Ray Train (which set RANK, WORL
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -542,6 +543,10 @@ class Recipe:
     def run(self) -> Path:
         t, every = self.cfg.train, self.cfg.lorasp.resample_every
         stop = StopRequest(self.run_dir, self.device)
+        # The model's Python objects (hundreds of thousands at 65B) live for the whole run: out of the cyclic
+        # collector's scans, so that a full collection in the middle of a step costs little.
+        gc.collect()
+        gc.freeze()
         metrics: dict = {}
         nonfinite: list[int] = []  # the current run of consecutive steps with a NaN/inf loss or gradient norm
         if self.is_main:

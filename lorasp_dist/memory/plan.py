@@ -107,9 +107,10 @@ def search_fitting(cfg: RunConfig, world_size: int, budget: Budget) -> list[Memo
     """Every setting of (deepspeed.config, micro-batch, checkpointing) of this config that fits on GPUs, the expected
     fastest first: no offload before offloading the optimizer before offloading everything, larger micro-batches
     first (a step's fixed host cost is shared by more tokens: llama-65b on one H200 ran 1,289 tokens/s at micro-batch
-    4 with 51 of 80 layers checkpointed, ~700 at micro-batch 1 with none), no checkpointing before checkpointing. In the memory the micro-batch leaves: first the most resident layers
-    (per GiB they save more than kept activations do: three gathers a step for a layer's 4-bit weights less its
-    partition), then, with checkpointing, the fewest checkpointed layers."""
+    4 with 51 of 80 layers checkpointed, ~700 at micro-batch 1 with none), no checkpointing before checkpointing.
+    In the memory the micro-batch leaves: first the most resident layers (per GiB they save more than kept
+    activations do: three gathers a step for a layer's 4-bit weights less its partition), then, with checkpointing,
+    the fewest checkpointed layers."""
     found = []
     for ds_config in DS_CONFIGS:
         for mb in MICRO_BATCHES:
