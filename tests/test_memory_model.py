@@ -403,7 +403,8 @@ def bench_records(keep) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if keep(r)]
 
 
-DEQUANT_KEPT_SINCE = "2026-12-01T06:00"  # records from then on ran code whose recompute keeps dequantized weights
+# From a4542c1 on, a checkpointed layer's recompute keeps its dequantized weights; session 16 ran a48ecb9 beside it.
+DEQUANT_KEPT_SINCE, DEQUANT_NOT_KEPT = "2026-12-01T05:59", {"a48ecb9"}
 
 
 def record_plan(r: dict) -> MemoryPlan:
@@ -415,7 +416,8 @@ def record_plan(r: dict) -> MemoryPlan:
              f"deepspeed.config={r['ds_config']}", f"lorasp.r={r['rank']}", f"lorasp.variant={r['variant']}",
              *settings, *sets)
     p = p.replan(partition_absmax=False) if absmax_replicated else p
-    return p.replan(keep_dequantized=False) if r["date"] < DEQUANT_KEPT_SINCE else p
+    kept = r["date"] >= DEQUANT_KEPT_SINCE and r["git_rev"][:7] not in DEQUANT_NOT_KEPT
+    return p if kept else p.replan(keep_dequantized=False)
 
 
 def test_one_gpu_bench_records_within_10_percent():
@@ -451,6 +453,21 @@ def test_one_gpu_bench_records_of_today_within_10_percent():
             print(f"{r['preset']} {r['ds_config']} mbs {r['micro_batch']}: {what} measured {measured:.2f} GiB, "
                   f"predicted {predicted / GiB:.2f} GiB, {error:+.1%}")
             assert abs(error) <= 0.10, (r["preset"], r["ds_config"], r["micro_batch"], what, error)
+
+
+def test_resident_layer_records_within_10_percent():
+    """Session 16's records (1x H200, llama-65b zero3): deepspeed.resident_layers=80 with the recompute keeping its
+    dequantized weights (b27647e, 48bcff4) at micro-batch 1, 4 and 8, and session 15's code (a48ecb9) beside them.
+    Peak reserved and NVML used within ±10% of the plan of each one's code."""
+    rows = bench_records(lambda r: r["run_id"].startswith("s16"))
+    assert len(rows) == 12 and sum("deepspeed.resident_layers=80" in r["overrides"] for r in rows) == 8
+    for r in rows:
+        p = record_plan(r)
+        assert p.resident_layers == (80 if r["git_rev"] != "a48ecb9" else 0)
+        for measured, predicted in ((r["peak_reserved_gib"], p.gpu_peak_reserved), (r["peak_nvml_gib"], p.gpu_total)):
+            error = (measured * GiB - predicted) / predicted
+            print(f"{r['run_id']}: measured {measured:.2f} GiB, predicted {predicted / GiB:.2f} GiB, {error:+.1%}")
+            assert abs(error) <= 0.10, (r["run_id"], error)
 
 
 def test_two_gpu_bench_records_within_10_percent():
@@ -705,7 +722,7 @@ def test_search_finds_fastest_fitting_setting_with_headroom():
         found = search_fitting(cfg, 2, budget)
         assert found and all(p.gpu_total <= budget.usable(capacity) for p in found)
         order = ["zero3", "zero3_offload_optimizer", "zero3_offload_all"]
-        keys = [(order.index(p.ds_config), p.gradient_checkpointing, -p.micro_batch) for p in found]
+        keys = [(order.index(p.ds_config), -p.micro_batch, p.gradient_checkpointing) for p in found]
         assert keys == sorted(keys)
     assert found[0].gpu_total <= 141 * GiB - int(0.05 * 141 * GiB)  # not 140.1 of 141 GiB
     found = search_fitting(cfg, 2, Budget.from_config(cfg, gpu=24 * GiB))
