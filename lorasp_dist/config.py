@@ -121,6 +121,9 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
     gradient_checkpointing: bool = True
+    # On GPUs: the decoder layers' RMSNorm and SwiGLU as compiled fused kernels (model/fused.py), not transformers'
+    # chains of elementwise kernels. CPU runs keep transformers' modules (compiling there costs more than it saves).
+    fused_kernels: bool = True
     # With checkpointing: how many decoder layers, the first ones, recompute their activations in the backward (None:
     # all). The others keep theirs, which skips a third of their arithmetic for their activations' memory;
     # `lorasp plan --gpu-mem` finds the smallest number that fits. Like torchtune's selective activation checkpointing.

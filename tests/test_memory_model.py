@@ -405,6 +405,7 @@ def bench_records(keep) -> list[dict]:
 
 # From a4542c1 on, a checkpointed layer's recompute keeps its dequantized weights; session 16 ran a48ecb9 beside it.
 DEQUANT_KEPT_SINCE, DEQUANT_NOT_KEPT = "2026-12-01T05:59", {"a48ecb9"}
+FUSED_SINCE = "2026-12-01T07:00"  # train.fused_kernels (model/fused.py) on the GPU from then on
 
 
 def record_plan(r: dict) -> MemoryPlan:
@@ -417,7 +418,8 @@ def record_plan(r: dict) -> MemoryPlan:
              *settings, *sets)
     p = p.replan(partition_absmax=False) if absmax_replicated else p
     kept = r["date"] >= DEQUANT_KEPT_SINCE and r["git_rev"][:7] not in DEQUANT_NOT_KEPT
-    return p if kept else p.replan(keep_dequantized=False)
+    p = p if kept else p.replan(keep_dequantized=False)
+    return p if r["date"] >= FUSED_SINCE else p.replan(fused_kernels=False)
 
 
 def test_one_gpu_bench_records_within_10_percent():
@@ -569,10 +571,17 @@ def test_checkpointing_reduces_activations():
     gc = plan("llama-65b", 2, "train.gradient_checkpointing=true")
     no_gc = plan("llama-65b", 2, "train.gradient_checkpointing=false")
     assert gc.gpu["activations"] < no_gc.gpu["activations"] / 10
-    # Without checkpointing all 80 layers' activations are stored, ≈ 0.7 GB each at seq 2048 (the final norm's
-    # saves cancel layer 0's input norm, which saves nothing under frozen embeddings).
-    assert no_gc.counts["activations_stored"] == 80 * no_gc.counts["activations_per_layer"]
+    # Without checkpointing all 80 layers' activations are stored, ≈ 0.7 GB each at seq 2048 (with transformers'
+    # norms the final norm's saves cancel layer 0's input norm, which saves nothing under frozen embeddings).
+    plain = plan("llama-65b", 2, "train.gradient_checkpointing=false", "train.fused_kernels=false")
+    assert plain.counts["activations_stored"] == 80 * plain.counts["activations_per_layer"]
     assert no_gc.gpu["activations"] >= no_gc.counts["activations_stored"]
+    # The fused RMSNorm (model/fused.py) saves its bf16 input and the rsqrt, 2h + 4 B a token, against
+    # transformers' 4h + 4 (the final norm, not fused); the fused SwiGLU saves gate and up, not SiLU's output too.
+    tokens, h, i = 2048, 8192, 22016
+    assert no_gc.counts["activations_stored"] == 80 * no_gc.counts["activations_per_layer"] + 2 * h * tokens
+    per_layer_saved = plain.counts["activations_per_layer"] - no_gc.counts["activations_per_layer"]
+    assert per_layer_saved == (2 * 2 * h + 2 * i) * tokens
 
 
 def test_micro_batch_scales_activations():

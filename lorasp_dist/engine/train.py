@@ -223,7 +223,8 @@ class Recipe:
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
-        from lorasp_dist.model.load import enable_checkpointing, ensure_base, load_base
+        from lorasp_dist.model.fused import fuse_kernels
+        from lorasp_dist.model.load import decoder_layers, enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
         if self.is_main:
@@ -262,6 +263,8 @@ class Recipe:
                 layer.lora_A.to(self.dtype)
                 layer.lora_B.to(self.dtype)
             checkpointed = enable_checkpointing(model, cfg.train)
+            if cfg.train.fused_kernels and self.device.type == "cuda":
+                fuse_kernels(decoder_layers(model))
             # Whole-layer fetches need the checkpointed recompute: without any, the backward finds a leaf layer's
             # parameters released (llama-65b on one H200, session 15; on CPU with 2 ranks before), so the layers
             # that keep their activations fetch per module.

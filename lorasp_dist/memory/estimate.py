@@ -368,7 +368,7 @@ def _parameters(p: Preset, variant: str, quantize: bool, targets: list[str], r: 
 
 
 def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool, checkpointed: int,
-                 masked_entries: int = 0) -> dict[str, int]:
+                 masked_entries: int = 0, fused: bool = False) -> dict[str, int]:
     """Activation bytes of the backward pass's two candidate peaks (bf16, SDPA attention: no seq² term), with the
     first `checkpointed` decoder layers checkpointed and the others keeping their activations.
 
@@ -381,6 +381,8 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
       rotated q, k and v: e·(h + 2·kv); SDPA output e·h (flash/efficient kernels write it as (b, s, heads, d), so
         o_proj's input is the same storage) and logsumexp 4·heads (fp32)
       SwiGLU: gate out (SiLU input), SiLU out, up out: 3·e·i
+      With `fused` (model/fused.py, train.fused_kernels on a GPU) a layer's RMSNorm saves its bf16 input and the fp32
+        rsqrt (e·h + 4) and SwiGLU gate and up out (2·e·i); the final norm stays transformers'
       LoRA x·Aᵀ per target: e·r; per layer, not per token, each target's dense A and B: e·r·(in + out), and for
         each matrix that trains in part (`masked_entries` per layer) what its rebuild saves: the int32 gather index
         and the bool mask, 5 B an entry
@@ -398,19 +400,20 @@ def _activations(p: Preset, tokens: int, targets: list[str], r: int, full: bool,
     kv = p.num_key_value_heads * (h // p.num_attention_heads)
     lora = [] if full else [t for t in targets if t in LLAMA_PROJECTIONS]
     saves = set(LLAMA_PROJECTIONS) if full else set(lora)
-    norm = 4 * h + 4 + e * h * full
+    final_norm = 4 * h + 4 + e * h * full
+    norm = e * h + 4 if fused else final_norm
     per_token = (
         2 * norm
         + e * h * bool(saves & {"q_proj", "k_proj", "v_proj"})
         + e * (h + 2 * kv) + e * h + 4 * p.num_attention_heads
         + e * h * bool(saves & {"gate_proj", "up_proj"})
-        + 3 * e * i + e * i * ("down_proj" in saves)
+        + (2 if fused else 3) * e * i + e * i * ("down_proj" in saves)
         + e * r * len(lora)
     )
     shapes = p.linear_shapes()
     per_layer_fixed = sum(e * r * (shapes[t][0] + shapes[t][1]) for t in lora) + 5 * masked_entries
     layer = per_token * tokens + per_layer_fixed
-    final = (norm + e * h * full) * tokens  # final RMSNorm (+ the lm_head input when the lm_head trains)
+    final = (final_norm + e * h * full) * tokens  # final RMSNorm (+ the lm_head input when the lm_head trains)
     kept = p.num_hidden_layers - checkpointed
     checkpoints = checkpointed * e * h * tokens + final
     stored = checkpoints + kept * layer - (0 if full or checkpointed else norm * tokens)
@@ -477,13 +480,15 @@ def plan_memory(
     expandable_segments: bool = True,
     partition_absmax: bool = True,
     keep_dequantized: bool = True,
+    fused_kernels: bool = False,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
     `ds` is the DeepSpeed config dict (ds_config.build_ds_config: what deepspeed.initialize receives); `ds_config`
     only names it. plan_for_config fills every argument from a run config. `partition_absmax=False` plans the code
     before the 4-bit absmax became a ZeRO-3 parameter (every rank held all of it), `keep_dequantized=False` the code
-    before a checkpointed layer's recompute kept its dequantized weights: for records measured then."""
+    before a checkpointed layer's recompute kept its dequantized weights: for records measured then.
+    `fused_kernels`: the decoder layers' RMSNorm and SwiGLU are model/fused.py's (train.fused_kernels on a GPU)."""
     name, p = resolve_preset(preset)
     if vocab_size:
         p = Preset(**{**asdict(p), "vocab_size": vocab_size})
@@ -623,7 +628,7 @@ def plan_memory(
     masked = sum(n for out_f, in_f in (p.linear_shapes()[t] for t in targets if not full)
                  for n, matrix_ratio in zip((r * in_f, out_f * r), _matrix_ratios(variant, ratio))
                  if 0 < trainable_count(n, matrix_ratio) < n)
-    act = _activations(p, seq_len * micro_batch, targets, r, full, checkpointed, masked)
+    act = _activations(p, seq_len * micro_batch, targets, r, full, checkpointed, masked, fused_kernels)
     # bitsandbytes dequantizes the whole 4-bit weight to bf16 for a matmul over many tokens, forward and backward.
     # A checkpointed layer's recompute keeps each adapted projection's dequantized weight for its backward
     # (model/quant.py), so the layer under backward holds all of them.
@@ -669,7 +674,7 @@ def plan_memory(
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
                       quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
                       expandable_segments=expandable_segments, partition_absmax=partition_absmax,
-                      keep_dequantized=keep_dequantized),
+                      keep_dequantized=keep_dequantized, fused_kernels=fused_kernels),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
@@ -718,6 +723,7 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         targets=list(lo.target_modules), variant=lo.variant, resample_every=lo.resample_every,
         gradient_checkpointing=t.gradient_checkpointing, checkpoint_layers=t.checkpoint_layers,
         resident_layers=cfg.deepspeed.resident_layers, vocab_size=vocab,
+        fused_kernels=t.fused_kernels and device == "cuda",
         precision=t.precision,
         quantize=cfg.model.quantize, tied_embeddings=tied,
         expandable_segments="expandable_segments:true" in cfg.rank_env().get(
