@@ -405,7 +405,7 @@ def bench_records(keep) -> list[dict]:
 
 # From a4542c1 on, a checkpointed layer's recompute keeps its dequantized weights; session 16 ran a48ecb9 beside it.
 DEQUANT_KEPT_SINCE, DEQUANT_NOT_KEPT = "2026-12-01T05:59", {"a48ecb9"}
-FUSED_SINCE = "2026-12-01T07:00"  # train.fused_kernels (model/fused.py) on the GPU from then on
+FUSED_BY_DEFAULT = {"5f1ecb7"}  # train.fused_kernels was on by default at this revision (off since)
 
 
 def record_plan(r: dict) -> MemoryPlan:
@@ -419,7 +419,7 @@ def record_plan(r: dict) -> MemoryPlan:
     p = p.replan(partition_absmax=False) if absmax_replicated else p
     kept = r["date"] >= DEQUANT_KEPT_SINCE and r["git_rev"][:7] not in DEQUANT_NOT_KEPT
     p = p if kept else p.replan(keep_dequantized=False)
-    return p if r["date"] >= FUSED_SINCE else p.replan(fused_kernels=False)
+    return p.replan(fused_kernels=True) if r["git_rev"][:7] in FUSED_BY_DEFAULT else p
 
 
 def test_one_gpu_bench_records_within_10_percent():
@@ -459,10 +459,11 @@ def test_one_gpu_bench_records_of_today_within_10_percent():
 
 def test_resident_layer_records_within_10_percent():
     """Session 16's records (1x H200, llama-65b zero3): deepspeed.resident_layers=80 with the recompute keeping its
-    dequantized weights (b27647e, 48bcff4) at micro-batch 1, 4 and 8, and session 15's code (a48ecb9) beside them.
+    dequantized weights (b27647e, 48bcff4) at micro-batch 1, 4 and 8, with the fused kernels at micro-batch 1
+    (5f1ecb7), and session 15's code (a48ecb9) beside them.
     Peak reserved and NVML used within ±10% of the plan of each one's code."""
     rows = bench_records(lambda r: r["run_id"].startswith("s16"))
-    assert len(rows) == 12 and sum("deepspeed.resident_layers=80" in r["overrides"] for r in rows) == 8
+    assert len(rows) == 13 and sum("deepspeed.resident_layers=80" in r["overrides"] for r in rows) == 9
     for r in rows:
         p = record_plan(r)
         assert p.resident_layers == (80 if r["git_rev"] != "a48ecb9" else 0)
@@ -573,9 +574,9 @@ def test_checkpointing_reduces_activations():
     assert gc.gpu["activations"] < no_gc.gpu["activations"] / 10
     # Without checkpointing all 80 layers' activations are stored, ≈ 0.7 GB each at seq 2048 (with transformers'
     # norms the final norm's saves cancel layer 0's input norm, which saves nothing under frozen embeddings).
-    plain = plan("llama-65b", 2, "train.gradient_checkpointing=false", "train.fused_kernels=false")
-    assert plain.counts["activations_stored"] == 80 * plain.counts["activations_per_layer"]
+    assert no_gc.counts["activations_stored"] == 80 * no_gc.counts["activations_per_layer"]
     assert no_gc.gpu["activations"] >= no_gc.counts["activations_stored"]
+    plain, no_gc = no_gc, plan("llama-65b", 2, "train.gradient_checkpointing=false", "train.fused_kernels=true")
     # The fused RMSNorm (model/fused.py) saves its bf16 input and the rsqrt, 2h + 4 B a token, against
     # transformers' 4h + 4 (the final norm, not fused); the fused SwiGLU saves gate and up, not SiLU's output too.
     tokens, h, i = 2048, 8192, 22016
