@@ -223,7 +223,6 @@ class Recipe:
 
         from lorasp_dist.data import build_datasets, ensure_tokenizer
         from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
-        from lorasp_dist.model.fused import fuse_kernels
         from lorasp_dist.model.load import decoder_layers, enable_checkpointing, ensure_base, load_base
 
         cfg = self.cfg
@@ -264,6 +263,9 @@ class Recipe:
                 layer.lora_B.to(self.dtype)
             checkpointed = enable_checkpointing(model, cfg.train)
             if cfg.train.fused_kernels and self.device.type == "cuda":
+                # Imported here: torch.compile's decorators load torch._dynamo (~85 MiB of modules on a CPU rank).
+                from lorasp_dist.model.fused import fuse_kernels
+
                 fuse_kernels(decoder_layers(model))
             # Whole-layer fetches need the checkpointed recompute: without any, the backward finds a leaf layer's
             # parameters released (llama-65b on one H200, session 15; on CPU with 2 ranks before), so the layers
