@@ -151,7 +151,7 @@ def resume_runs(seed_tiny, tmp_path_factory):
     assert sealed.exists(), f"the run never wrote its step-{MID} checkpoint"
     killed_at = max(metrics(out / "killed"))
     assert killed_at > MID
-    refused = _refused_here("train.run_name=killed", *common, cwd=out)
+    refused = _train_single("train.run_name=killed", *common, cwd=out)  # a process: by its start the ranks are reaped
     (out / "killed" / LOCK_FILE).unlink()
     resumed = train(out, "killed", *common)
     return whole, resumed, killed_at, refused
