@@ -17,9 +17,19 @@ from faults import write as write_fault_table
 from ray_cluster import RayEnv, RayHead
 from slurm_cluster import SlurmCluster, missing_binaries
 from slurm_jobs import NODE_CPUS, submit_jobs
+from transformers import LlamaForCausalLM
+
+from lorasp_dist.config import DataConfig
+from lorasp_dist.data import load_tokenizer, train_tokenizer
+from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
+# ChatML with the sentencepiece tokenizer's own control tokens, so the tiny base is instruction-formatted like SmolLM2.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 
 # DeepSpeed JIT-builds its CPU ops (shared-memory comm ~40 s, cpu_adam ~50 s) on first use: build them once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -73,6 +83,20 @@ def seed_tiny(tmp_path_factory) -> Callable[[Path], Path]:
         return out
 
     return seed
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny random LLaMA whose tokenizer has a chat template, for the bench scripts' smoke tests
+    (tests/test_instruct_smoke.py, tests/test_quality_engine_smoke.py): built once for the session."""
+    root = tmp_path_factory.mktemp("chat-base")
+    tok = load_tokenizer(train_tokenizer(DataConfig(mode="instruction"), root / "tok", vocab_size=512))
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = PRESETS["tiny"].hf_config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root / "base"
 
 
 @pytest.fixture

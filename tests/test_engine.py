@@ -4,6 +4,7 @@ quant storage, gradient checkpointing, the shipped corpus. Plus checkpoint integ
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest.mock import patch
 
@@ -52,33 +54,41 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
     return out
 
 
-# zero3 fetches whole decoder layers (the default) and profiles two steps; the offload configs fetch per module, or
-# checkpoint two of the four layers (fetched whole, their adapters rebuilt together) and keep two (fetched per module).
-@pytest.mark.parametrize("ds_config, extra", [
-    ("zero3", ["deepspeed.fetch=layer", "train.profile_steps=[3]"]),
-    ("zero3_offload_optimizer", ["deepspeed.fetch=module"]),
-    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16", "train.checkpoint_layers=2"]),
-])
-def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
-    run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", "train.max_steps=20", "train.save_every=0",
-                "train.eval_every=0", "train.gradient_checkpointing=true", *extra)
-    losses = [metrics(run)[s]["loss"] for s in range(1, 21)]
+# The offload configs: one fetches per module and profiles two steps, the other checkpoints two of the four layers
+# (fetched whole, their adapters rebuilt together) and keeps two (fetched per module). Plain zero3 (whole-layer
+# fetches, the default) is the README's main job, whose launch (tests/test_launcher.py) checks the same. 12 steps:
+# the loss of the last 5 is below that of the first 5 by about 0.14 in these runs.
+STEPS = 12
+
+
+def check_trains_and_partitions(run: Path, name: str, steps: int, fetches_in_flight: int = 2) -> None:
+    """The loss goes down; each rank holds half of every ZeRO-3 partition; the adapter and memory report exist."""
+    losses = [metrics(run)[s]["loss"] for s in range(1, steps + 1)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    print(f"{ds_config}: loss {first:.4f} -> {last:.4f}")
+    print(f"{name}: loss {first:.4f} -> {last:.4f}")
     assert last < first - 0.05, losses
     for rank in (0, 1):
         part = json.loads((run / "partition" / f"rank{rank}.json").read_text())
         share = part["param_bytes_local"] / part["param_bytes_total"]
-        print(f"{ds_config} rank {rank}: holds {share:.3f} of the parameters")
+        print(f"{name} rank {rank}: holds {share:.3f} of the parameters")
         assert 0.45 <= share <= 0.55  # its half of every ZeRO-3 partition (plus padding), never the whole model
-        assert part["fetches_in_flight"] == (16 if "deepspeed.fetches_in_flight=16" in extra else 2)
+        assert part["fetches_in_flight"] == fetches_in_flight
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "memory_report.json").is_file()
+
+
+@pytest.mark.parametrize("ds_config, extra", [
+    ("zero3_offload_optimizer", ["deepspeed.fetch=module", "train.profile_steps=[3]"]),
+    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16", "train.checkpoint_layers=2"]),
+])
+def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
+    run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", f"train.max_steps={STEPS}", "train.save_every=0",
+                "train.eval_every=0", "train.gradient_checkpointing=true", *extra)
+    check_trains_and_partitions(run, ds_config, STEPS, 16 if "deepspeed.fetches_in_flight=16" in extra else 2)
     if "train.profile_steps=[3]" in extra:
         for rank in (0, 1):
             table = (run / "profile" / f"rank{rank}_steps3-4.md").read_text()
             assert "host self-CPU time" in table and "aten::" in table
-
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -113,31 +123,35 @@ def _running(pid: int) -> bool:
         return False
 
 
+# The resume runs: LAST steps in fp32, a checkpoint every MID
+LAST, MID = 12, 6
+
+
 @pytest.fixture(scope="module")
 def resume_runs(seed_tiny, tmp_path_factory):
-    """An uninterrupted 20-step run, and the same run killed after its step-10 checkpoint and resumed. The killed
+    """An uninterrupted 12-step run, and the same run killed after its step-6 checkpoint and resumed. The killed
     run's lock is left behind: a restart is first refused with a message that says so, then the lock is removed."""
     out = seed_tiny(tmp_path_factory.mktemp("resume"))
-    common = ("train.precision=fp32", "train.max_steps=20", "train.save_every=10", "train.eval_every=0",
+    common = ("train.precision=fp32", f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0",
               "train.keep_last=5")
     whole = train(out, "whole", *common)
 
     cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=killed", *common)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sealed = ckpt.step_dir(out / "killed", 10) / ckpt.MANIFEST
+    sealed = ckpt.step_dir(out / "killed", MID) / ckpt.MANIFEST
     logged = out / "killed" / "metrics" / "rank0.jsonl"
 
-    def past_the_checkpoint() -> bool:  # step 11 logged: the resumed run has records to drop
-        return sealed.exists() and logged.read_text().count("\n") >= 11
+    def past_the_checkpoint() -> bool:  # a step past it logged: the resumed run has records to drop
+        return sealed.exists() and logged.read_text().count("\n") >= MID + 1
 
     deadline = time.time() + 600
     while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     kill_with_ranks(proc)
-    assert sealed.exists(), "the run never wrote its step-10 checkpoint"
+    assert sealed.exists(), f"the run never wrote its step-{MID} checkpoint"
     killed_at = max(metrics(out / "killed"))
-    assert killed_at > 10
-    refused = _train_single("train.run_name=killed", *common, cwd=out)
+    assert killed_at > MID
+    refused = _train_single("train.run_name=killed", *common, cwd=out)  # a process: by its start the ranks are reaped
     (out / "killed" / LOCK_FILE).unlink()
     resumed = train(out, "killed", *common)
     return whole, resumed, killed_at, refused
@@ -155,19 +169,19 @@ def test_a_killed_run_leaves_a_stale_lock_that_is_named(resume_runs):
 
 def test_kill_and_resume_matches_uninterrupted(resume_runs):
     whole, resumed, killed_at, _ = resume_runs
-    print(f"killed after step {killed_at}; resumed from step 10")
-    a = load_file(ckpt.step_dir(whole, 20) / "lorasp.safetensors")
-    b = load_file(ckpt.step_dir(resumed, 20) / "lorasp.safetensors")
+    print(f"killed after step {killed_at}; resumed from step {MID}")
+    a = load_file(ckpt.step_dir(whole, LAST) / "lorasp.safetensors")
+    b = load_file(ckpt.step_dir(resumed, LAST) / "lorasp.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     print(f"max |whole - resumed| over LoRA-SP weights: {worst:.3g}")
     assert worst <= 1e-6
     mw, mr = metrics(whole), metrics(resumed)
-    assert sorted(mw) == sorted(mr) == list(range(1, 21))
-    for rank in (0, 1):  # what the killed run logged past its step-10 checkpoint was dropped on resuming
+    assert sorted(mw) == sorted(mr) == list(range(1, LAST + 1))
+    for rank in (0, 1):  # what the killed run logged past its step-6 checkpoint was dropped on resuming
         lines = (resumed / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in lines] == list(range(1, 21))
-    for step in range(1, 21):
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, LAST + 1))
+    for step in range(1, LAST + 1):
         assert mr[step]["loss"] == pytest.approx(mw[step]["loss"], abs=1e-6), step
     pa = load_file(whole / "adapter" / "adapter_model.safetensors")
     pb = load_file(resumed / "adapter" / "adapter_model.safetensors")
@@ -191,12 +205,12 @@ def test_corrupted_checkpoint_is_never_loaded(resume_runs, tmp_path, kind):
     whole = resume_runs[0]
     run = tmp_path / "run"
     shutil.copytree(whole, run)
-    newest = ckpt.step_dir(run, 20)
+    newest = ckpt.step_dir(run, LAST)
     _corrupt(kind, newest)
     ok, why = ckpt.verify(newest)
     assert not ok, why
     found = ckpt.newest_valid(run)
-    assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, 10), 10, [(newest, why)])
+    assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, MID), MID, [(newest, why)])
 
 
 def _truncate_manifest(step_dir: Path) -> None:
@@ -210,34 +224,35 @@ def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     whole = resume_runs[0]
     run = tiny_out / "run"
     shutil.copytree(whole, run)
-    broken = ckpt.step_dir(run, 20)
+    broken = ckpt.step_dir(run, LAST)
     _truncate_manifest(broken)
     before = digest(broken)
-    orphan = ckpt.tmp_dir(run, 15)
+    orphan = ckpt.tmp_dir(run, MID + 3)
     orphan.mkdir()
     (orphan / "rank0.safetensors").write_bytes(b"half a save")
     cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=run", "train.precision=fp32",
-                   "train.max_steps=20", "train.save_every=10", "train.eval_every=0", "train.keep_last=2")
+                   f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0", "train.keep_last=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    set_aside = run / "checkpoints" / ckpt.CORRUPT / "step-000020"
-    assert "step-000020 is corrupt (unreadable manifest (" in proc.stdout and f"moved to {set_aside}" in proc.stdout
-    assert f"resumed from {ckpt.step_dir(run, 10)} at step 10" in proc.stdout
+    set_aside = run / "checkpoints" / ckpt.CORRUPT / broken.name
+    assert f"{broken.name} is corrupt (unreadable manifest (" in proc.stdout and f"moved to {set_aside}" in proc.stdout
+    assert f"resumed from {ckpt.step_dir(run, MID)} at step {MID}" in proc.stdout
     assert digest(set_aside) == before  # kept as it was, for a post-mortem
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt.CORRUPT, "step-000010", "step-000020"]
-    assert all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (10, 20))
-    # the rerun from step 10 rewrote step 20, bit for bit the same as the uninterrupted run
-    a = load_file(ckpt.step_dir(whole, 20) / "lorasp.safetensors")
-    b = load_file(ckpt.step_dir(run, 20) / "lorasp.safetensors")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt.CORRUPT, ckpt.step_dir(run, MID).name,
+                                                                        broken.name]
+    assert all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (MID, LAST))
+    # the rerun from the step-6 checkpoint rewrote the last, bit for bit the same as the uninterrupted run
+    a = load_file(ckpt.step_dir(whole, LAST) / "lorasp.safetensors")
+    b = load_file(ckpt.step_dir(run, LAST) / "lorasp.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["adapter"] == str(run / "adapter") and not (run / LOCK_FILE).exists()
     assert not list(run.glob(".summary.json.tmp-*"))
-    # the run had finished at step 20; the metrics hold each step once after a resume, so count from the resume line
-    redone = 20 - int(re.search(r"resumed from \S+ at step (\d+)", proc.stdout)[1])
+    # the run had finished; the metrics hold each step once after a resume, so count from the resume line
+    redone = LAST - int(re.search(r"resumed from \S+ at step (\d+)", proc.stdout)[1])
     record("broken manifest", entry="lorasp train (torchrun, 2 ranks)", exit_code=proc.returncode,
-           steps_lost=redone, data_lost=not ckpt.verify(ckpt.step_dir(run, 10))[0] or not set_aside.is_dir(),
-           outcome=f"newest manifest truncated: resumed from the step-10 checkpoint, the broken one moved to "
+           steps_lost=redone, data_lost=not ckpt.verify(ckpt.step_dir(run, MID))[0] or not set_aside.is_dir(),
+           outcome=f"newest manifest truncated: resumed from the step-{MID} checkpoint, the broken one moved to "
                    f"checkpoints/corrupt/, {redone} steps redone, keep_last honoured")
 
 
@@ -247,22 +262,22 @@ def test_all_checkpoints_corrupt_stops_unless_told_to_start_over(resume_runs, tm
     shutil.copytree(whole, run)
     shutil.copytree(whole.parent / ".cache", tmp_path / ".cache")  # the tokenizer and base, not built again
     reached = max(metrics(run))
-    _corrupt("flip", ckpt.step_dir(run, 10))
-    _truncate_manifest(ckpt.step_dir(run, 20))
+    _corrupt("flip", ckpt.step_dir(run, MID))
+    _truncate_manifest(ckpt.step_dir(run, LAST))
     before = digest(run / "checkpoints")
-    proc = _train_single("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
+    proc = _refused_here("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert err[-1].startswith(f"error: train.resume = 'auto': every checkpoint in {run / 'checkpoints'} is corrupt (")
-    assert "step-000020: unreadable manifest" in err[-1]
-    assert "step-000010: rank1.safetensors fails its sha256 checksum" in err[-1]
+    assert f"{ckpt.step_dir(run, LAST).name}: unreadable manifest" in err[-1]
+    assert f"{ckpt.step_dir(run, MID).name}: rank1.safetensors fails its sha256 checksum" in err[-1]
     assert "set train.restart_if_corrupt=true" in err[-1] and "Traceback" not in proc.stderr
     assert digest(run / "checkpoints") == before  # nothing moved, nothing deleted
 
     again = _train_single("train.run_name=run", "train.max_steps=2", "train.restart_if_corrupt=true", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     aside = run / "checkpoints" / ckpt.CORRUPT
-    assert sorted(p.name for p in aside.iterdir()) == ["step-000010", "step-000020"]
+    assert sorted(p.name for p in aside.iterdir()) == [ckpt.step_dir(run, s).name for s in (MID, LAST)]
     kept = digest(aside) == {k.removeprefix(f"{ckpt.CORRUPT}/"): v for k, v in before.items()}
     assert kept  # moved aside byte for byte
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002"]
@@ -315,6 +330,16 @@ def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lorasp_dist", "train", str(TINY), f"train.output_dir={cwd}", "train.eval_every=0",
            *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def _refused_here(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`lorasp train`'s entry point called in this process, for a run refused before it starts (a process of its own
+    would spend ~3 s importing torch and DeepSpeed); what it printed, as a process's output."""
+    argv = ["train", str(TINY), f"train.output_dir={cwd}", "train.eval_every=0", *overrides]
+    out, err = io.StringIO(), io.StringIO()
+    with patch.dict(os.environ), redirect_stdout(out), redirect_stderr(err):  # the CLI's environment stays in it
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize(

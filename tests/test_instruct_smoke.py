@@ -5,42 +5,25 @@ The GPU run is the same command at full size, on a local Ray."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from test_quality_smoke import write_tasks  # the same toy BIG-bench tasks
-from transformers import LlamaForCausalLM
-
-from lorasp_dist.config import DataConfig
-from lorasp_dist.data import load_tokenizer, train_tokenizer
-from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-# ChatML with the sentencepiece tokenizer's own control tokens, so the tiny base is instruction-formatted like SmolLM2.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
+def load_instruct_bench():
+    spec = importlib.util.spec_from_file_location("instruct_smollm2", REPO / "bench" / "instruct_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("base")
-    tok = load_tokenizer(train_tokenizer(DataConfig(mode="instruction"), root / "tok", vocab_size=512))
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = PRESETS["tiny"].hf_config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    return root / "base"
-
-
-def test_instruct_bench_runs_end_to_end(tmp_path, chat_base, ray_cluster):
+def test_instruct_bench_runs_end_to_end(tmp_path, chat_base, ray_cluster, capsys):
     head, env = ray_cluster
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "instruct_smollm2.py"), "--base", str(chat_base), "--bigbench-dir",
@@ -70,12 +53,13 @@ def test_instruct_bench_runs_end_to_end(tmp_path, chat_base, ray_cluster):
     md = (out / "smoke.md").read_text()
     assert "| toy_parity | multiple_choice |" in md and "beats_zero_shot" in md
 
-    # --collect rebuilds the same rows from the files the run left, for a call cut short after its tasks ran
-    collect = [sys.executable, str(REPO / "bench" / "instruct_smollm2.py"), "--collect", "--bigbench-dir", str(bb),
-               "--tasks", "toy_parity", "toy_next", "--work", str(tmp_path / "work"), "--out", str(out), "--name",
-               "again", "--device", "CPU (test)", "--git-rev", "test"]
-    proc = subprocess.run(collect, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --collect rebuilds the same rows from the files the run left, for a call cut short after its tasks ran; it only
+    # reads files, so its main() runs in this process (its own would spend seconds importing torch)
+    instruct = load_instruct_bench()
+    collect = ["--collect", "--bigbench-dir", str(bb), "--tasks", "toy_parity", "toy_next", "--work",
+               str(tmp_path / "work"), "--out", str(out), "--name", "again", "--device", "CPU (test)", "--git-rev",
+               "test"]
+    assert instruct.main(collect) == 0
     again = json.loads((out / "again.json").read_text())
     assert again["device"] == "CPU (test)" and again["git_rev"] == "test"
     assert again["rows"] == record["rows"]
@@ -84,6 +68,9 @@ def test_instruct_bench_runs_end_to_end(tmp_path, chat_base, ray_cluster):
     empty.mkdir()
     bad = [*collect[:collect.index("--work") + 1], str(empty), *collect[collect.index("--work") + 2:]]
     bad[bad.index("again")] = "none"
-    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --work = ")
-    assert "Traceback" not in proc.stderr and not (out / "none.json").exists() and not (out / "none").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        instruct.main(bad)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.strip().splitlines()[-1].startswith("error: --work = ")
+    assert "Traceback" not in stderr and not (out / "none.json").exists() and not (out / "none").exists()

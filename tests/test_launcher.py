@@ -27,6 +27,7 @@ from faults import record
 from ports import free_ports
 from ray_cluster import RAY, RayEnv, RayHead, ray_pids, stop_pids, wait_for
 from safetensors.torch import load_file
+from test_engine import check_trains_and_partitions
 from test_secrets import PROBE, SECRET, holders
 
 from lorasp_dist.engine import checkpoint as ckpt
@@ -165,6 +166,8 @@ def test_launch_tiny_on_local_ray(main_job):
     assert sorted(loss) == list(range(1, 21))
     print(f"loss {loss[1]:.4f} -> {loss[20]:.4f}")
     assert loss[20] < loss[1]
+    # plain zero3 with whole-layer fetches (the default): the engine test's checks (tests/test_engine.py)
+    check_trains_and_partitions(run, "zero3", 20)
     for rank in (0, 1):
         assert steps_logged(run, rank) == list(range(1, 21))  # ray.train.report keeps rank 0's only: files keep all
         assert (run / "memory" / f"rank{rank}.jsonl").is_file()

@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from test_instruct_smoke import CHAT_TEMPLATE
 from test_quality_smoke import load_quality, write_tasks
-from transformers import LlamaForCausalLM
 
-from lorasp_dist.config import DataConfig
-from lorasp_dist.data import build_datasets, load_tokenizer, train_tokenizer
-from lorasp_dist.presets import PRESETS
+from lorasp_dist.data import build_datasets, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -30,18 +24,6 @@ def load_engine_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def chat_base(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("base")
-    tok = load_tokenizer(train_tokenizer(DataConfig(mode="instruction"), root / "tok", vocab_size=512))
-    tok.chat_template = CHAT_TEMPLATE  # instruction-formatted like SmolLM2: both paths render the chat template
-    torch.manual_seed(0)
-    config = PRESETS["tiny"].hf_config(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    return root / "base"
 
 
 def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
@@ -65,34 +47,40 @@ def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
     assert not quality_engine.same_rows(study_rows, original, tok, 1, a)
 
 
-def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster):
-    """Two seeds of LoRA-SP through both paths (lora differs only in lorasp.variant: two launches keep this short)."""
+def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster, monkeypatch, capsys):
+    """Two seeds of LoRA-SP through both paths (lora differs only in lorasp.variant: two launches keep this short).
+    The script's main() runs in this process, with the environment its launches need: a process of its own would
+    spend seconds a call importing torch."""
     head, env = ray_cluster
+    for key, value in {**env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    quality_engine = load_engine_bench()
     bb, work, out = write_tasks(tmp_path, n=100), tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench" / "quality_engine.py"), "--base", str(chat_base), "--bigbench-dir",
-           str(bb), "--work", str(work), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp",
-           "--seeds", "0", "1", "--lrs", "adapter=1e-3", "--steps", "3", "--batch-size", "4", "--max-seq-len", "64",
-           "--max-eval", "8", "--eval-batch-size", "8", "--max-new-tokens", "3", "--device", "cpu", "--address",
-           head.address]
-    env = {**env, "OMP_NUM_THREADS": "1"}
+    args = ["--base", str(chat_base), "--bigbench-dir", str(bb), "--work", str(work), "--out", str(out), "--tasks",
+            "toy_parity", "--variants", "lorasp", "--seeds", "0", "1", "--lrs", "adapter=1e-3", "--steps", "3",
+            "--batch-size", "4", "--max-seq-len", "64", "--max-eval", "8", "--eval-batch-size", "8",
+            "--max-new-tokens", "3", "--device", "cpu", "--address", head.address]
 
-    def call(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    def call(*extra: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / "quality_engine.py"), *args, *extra])  # the record's
+        code = quality_engine.main([*args, *extra])
+        return code, *capsys.readouterr()
 
     # out of --time-budget: the study stops before its sweep ends, no launch starts, the record says incomplete
-    first = call("--time-budget", "1")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    code, stdout, stderr = call("--time-budget", "1")
+    assert code == 0, stdout[-3000:] + stderr[-5000:]
     assert not json.loads((out / "engine-vs-study.json").read_text())["complete"]
     assert "INCOMPLETE" in (out / "engine-vs-study.md").read_text() and not (out / "engine_runs.jsonl").exists()
-    proc = call("--resume")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    code, stdout, stderr = call("--resume")
+    assert code == 0, stdout[-3000:] + stderr[-5000:]
     runs_before = (out / "engine_runs.jsonl").read_text()
     # without --resume a call refuses in one line and touches nothing; with it, it finds nothing left to launch
-    refused = call()
-    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --out = ")
-    assert "Traceback" not in refused.stderr
-    again = call("--resume")
-    assert again.returncode == 0 and "engine test" not in again.stdout, again.stderr[-3000:]
+    code, _, stderr = call()
+    assert code == 2 and stderr.strip().startswith("error: --out = ")
+    assert "Traceback" not in stderr
+    code, stdout, stderr = call("--resume")
+    assert code == 0 and "engine test" not in stdout, stderr[-3000:]
     assert (out / "engine_runs.jsonl").read_text() == runs_before
 
     record = json.loads((out / "engine-vs-study.json").read_text())

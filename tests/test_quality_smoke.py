@@ -49,6 +49,20 @@ def run_quality(args: list[str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def quality_here(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """bench/quality.py's main() in this process, for a call that trains nothing (a refusal, or a study with nothing
+    left to run): a process of its own would spend seconds importing torch. Its exit and output, as a process's."""
+    capsys.readouterr()
+    try:
+        code = load_quality().main(args)
+    except SystemExit as e:  # as the interpreter ends a script: a message goes to stderr with exit 1
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("base")
@@ -61,7 +75,7 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_quality_smoke_runs_every_variant(tmp_path, tiny_base):
+def test_quality_smoke_runs_every_variant(tmp_path, tiny_base, capsys):
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     cmd = [sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--device", "cpu",
            "--bigbench-dir", str(bb), "--base", str(tiny_base), "--work", str(tmp_path / "work"), "--out", str(out),
@@ -108,10 +122,10 @@ def test_quality_smoke_runs_every_variant(tmp_path, tiny_base):
     assert "LoRA-SP vs LoRA" in readme and "The frozen half of B" in readme
 
     # Once complete, --resume finds nothing left to run; without it, the script refuses to start the study again.
-    again = quality("--resume")
+    again = quality_here([*cmd[2:], "--resume"], capsys)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(runs)
-    refused = quality()
+    refused = quality_here(cmd[2:], capsys)
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
 
@@ -147,13 +161,14 @@ def loss_on(model, batch: dict) -> float:
         return model(**batch, use_cache=False).loss.item()
 
 
-def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base):
+def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base, capsys):
     """--base-4bit: the first step's loss (B = 0, so the base's own) is that of the dense checkpoint with every
     decoder linear put through quantize_nf4 + make_linear4bit by hand, not the dense model's."""
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
             "--tasks", "toy_parity", "--variants", "lorasp", "--steps", "2", "--lrs", "adapter=1e-3"]
-    refused = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit", "--variants", "full"])
+    refused = quality_here([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit", "--variants", "full"],
+                           capsys)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --variants = full:"), refused.stderr
     proc = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -203,12 +218,12 @@ def test_packed_examples_do_not_see_each_other(tmp_path, tiny_base):
     assert run["train_loss_first"] == pytest.approx(packed, abs=1e-5)
 
 
-def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base):
+def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base, capsys):
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
             "--bigbench-dir", str(bb), "--out", str(out), "--tasks", "toy_parity", "--variants", "lorasp", "lora",
             "--steps", "5", "--seeds", "0", "1", "--lrs", "adapter=1e-3"]
-    bad = run_quality([*args, "--eval-every", "-1"])
+    bad = quality_here([*args, "--eval-every", "-1"], capsys)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --eval-every = -1: "), bad.stderr
     proc = run_quality([*args, "--eval-every", "2"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -235,7 +250,7 @@ def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base):
     assert "curves.png" in (out / "README.md").read_text()
 
 
-def test_two_shards_share_one_runs_file(tmp_path, tiny_base):
+def test_two_shards_share_one_runs_file(tmp_path, tiny_base, capsys):
     """--shard 0/2 and 1/2 at the same time: every line of runs.jsonl whole, no run done twice; a second round does
     the seed runs whose sweep the other shard had not finished, and a call without --shard then finds the study
     complete."""
@@ -243,7 +258,7 @@ def test_two_shards_share_one_runs_file(tmp_path, tiny_base):
     args = [sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--device", "cpu", "--base",
             str(tiny_base), "--work", str(tmp_path / "work"), "--bigbench-dir", str(bb), "--out", str(out),
             "--tasks", "toy_parity", "--variants", "lorasp", "lora", "--steps", "2", "--seeds", "0", "1", "--resume"]
-    bad = run_quality([*args[2:], "--shard", "2/2"])
+    bad = quality_here([*args[2:], "--shard", "2/2"], capsys)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --shard = 2/2: "), bad.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -260,7 +275,7 @@ def test_two_shards_share_one_runs_file(tmp_path, tiny_base):
     keys = [(r["task"], r["variant"], r["seed"], r["lr"]) for r in runs]
     assert len(keys) == len(set(keys)) == 1 + 2 * (2 + 1)  # zero-shot + 2 variants x (2 rates + 1 more seed)
     assert not (out / "summary.json").exists()  # shards leave the summary to the last call
-    final = run_quality([*args[2:]])
+    final = quality_here(args[2:], capsys)
     assert final.returncode == 0 and "0 runs to do" in final.stdout, final.stdout[-3000:] + final.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["complete"]
 

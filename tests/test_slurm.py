@@ -6,6 +6,7 @@ session's first test and share the node at once; the tests here read what they d
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,25 @@ from slurm_jobs import HALF_CPU, JOB_TIMEOUT_S, PREEMPT_STEPS, SAVE_EVERY, loras
 from test_nonfinite import check_nothing_saved_from_bad_steps
 
 from launcher.ray_launch import EXIT_STOPPED
+from lorasp_dist.cli import main
 from lorasp_dist.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
+
+
+def lorasp_here(*args: str) -> subprocess.CompletedProcess:
+    """`lorasp ARGS` through its entry point in this process, for a call that only renders or refuses (`--dry-run`, bad
+    input): a process of its own would spend a second or more importing. Its exit and output, as a process's."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse, or a command that exits itself
+            code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["lorasp", *args], code, out.getvalue(), err.getvalue())
 
 
 def queued_besides(slurm, slurm_jobs, *states: str) -> list[str]:
@@ -39,7 +56,7 @@ def queued_besides(slurm, slurm_jobs, *states: str) -> list[str]:
 
 def test_dry_run_is_a_complete_bash_script(tmp_path):
     out = tmp_path / "runs"
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={out}", "train.run_name=r1",
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={out}", "train.run_name=r1",
                   "launcher.num_workers=8", "launcher.gpus_per_worker=1", "--nodes", "2", "--gpus-per-node", "a100:4",
                   "--partition", "gpu", "--time", "1-00:00:00", "--account", "proj", "--sbatch=--mem=0", "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -75,7 +92,7 @@ def test_dry_run_is_a_complete_bash_script(tmp_path):
     (("data.path=/nonexistent.jsonl",), "data.path = '/nonexistent.jsonl': not found"),  # before the job queues
 ])
 def test_bad_flags(args, message, tmp_path):
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *args)
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
@@ -117,7 +134,7 @@ FIELDS = ["--partition", "--time", "--account", "--sbatch", "train.run_name", "t
 
 @pytest.mark.parametrize("field", FIELDS)
 def test_injected_value_is_refused(field, tmp_path):
-    proc = lorasp("slurm", "submit", *injection(field, tmp_path), "--dry-run")
+    proc = lorasp_here("slurm", "submit", *injection(field, tmp_path), "--dry-run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     # what is accepted: the script's own rule, or for a run name the config's (one directory name), checked first
@@ -127,12 +144,12 @@ def test_injected_value_is_refused(field, tmp_path):
 
 
 def test_resume_dir_with_shell_characters_is_refused(tmp_path):
-    proc = lorasp("slurm", "submit", *injection("--resume", tmp_path), "--dry-run")
+    proc = lorasp_here("slurm", "submit", *injection("--resume", tmp_path), "--dry-run")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --resume = ") and not proc.stdout, proc.stderr
 
 
 def test_ordinary_values_pass_unchanged(tmp_path):
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--partition", "a100,h100",
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--partition", "a100,h100",
                   "--time", "2-12:30", "--account", "proj_1.x", "--sbatch=--constraint=a100&nvlink",
                   "--sbatch=--exclusive", "--sbatch=--mail-user=me@example.org", "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -147,16 +164,16 @@ def test_directives_after_a_command_are_refused(tmp_path):
     template = (REPO / "slurm" / "lorasp.sbatch").read_text()
     template = template.replace("#SBATCH --job-name", "umask 077\n#SBATCH --job-name")
     (tmp_path / "late.sbatch").write_text(template)
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--template",
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "--template",
                   str(tmp_path / "late.sbatch"), "--dry-run")
     assert proc.returncode == 2, proc.stdout
     assert proc.stderr.startswith("error: --template: '#SBATCH --job-name=") and "after the first command ('umask" \
         in proc.stderr, proc.stderr
 
 
-def test_no_sbatch_on_path(tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path)}
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", env=env)
+def test_no_sbatch_on_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}")
     assert proc.returncode == 2 and "sbatch: not found on PATH" in proc.stderr, proc.stderr
 
 
