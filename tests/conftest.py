@@ -153,9 +153,12 @@ def slurm_jobs(slurm, seed_tiny, tmp_path_factory) -> Iterator[tuple[dict, dict]
 
 @pytest.fixture(autouse=True)
 def slurm_jobs_first(request) -> None:
-    """In a session with tests that read the SLURM jobs, the first slow test submits them, so that they run beside the
-    slow tests (tests/slurm_jobs.py). An error here is kept by pytest and reported by the tests that read the jobs."""
-    if "slow" in request.keywords and _slurm_missing() is None and \
+    """In a session with tests that read the SLURM jobs, the first slow test on Ray submits them, so that they run
+    beside the Ray launches (tests/slurm_jobs.py): a launch leaves a third of the 2 CPUs idle while Ray starts its
+    actors and polls them, where the DeepSpeed runs before them keep both busy. An error here is kept by pytest and
+    reported by the tests that read the jobs."""
+    on_ray = {"ray_cluster", "ray_env"} & set(request.fixturenames)
+    if "slow" in request.keywords and on_ray and _slurm_missing() is None and \
             any("slurm_jobs" in item.fixturenames for item in request.session.items):
         try:
             request.getfixturevalue("slurm_jobs")

@@ -81,7 +81,10 @@ class RayEnv:
     def __enter__(self) -> dict:
         self.root = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
         # RAY_AUTH_MODE=token: Ray sends its token to an explicit --address only when told to (the SLURM job does too)
-        env = {**os.environ, "RAY_TMPDIR": self.root, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "RAY_TMPDIR": self.root, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
+               # Ray Train's controller polls its workers every 2 s: each start, end and restart of a launch waits
+               # for a poll. The driver passes this on to the controller.
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
         env.setdefault("DS_ACCELERATOR", "cpu")
         return env

@@ -5,8 +5,8 @@ SLURM more CPUs than the host has), so their Ray clusters must keep apart: per-j
 mid-run, checkpoints, requeues itself, resumes in the same run directory and runs to the end; one is cancelled mid-run;
 one's loss goes NaN.
 
-They take minutes: conftest.py submits them when the session's first slow test starts, so that they run beside the
-other slow tests, whose runs leave part of the 2 CPUs idle; their tests, which run last, mostly find them done.
+They take minutes: conftest.py submits them when the session's first slow test on Ray starts, so that they run beside
+the Ray launches, which leave part of the 2 CPUs idle; their tests, which run last, mostly find them done.
 """
 
 from __future__ import annotations

@@ -220,7 +220,9 @@ def _truncate_manifest(step_dir: Path) -> None:
 
 def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     """The newest checkpoint's manifest is truncated and a failed save left a temp dir: resuming continues from the
-    older one, sets the broken one aside (kept, not deleted), keeps `keep_last` checkpoints and removes the orphan."""
+    older one, sets the broken one aside (kept, not deleted), keeps `keep_last` checkpoints and removes the orphan.
+    The rerun holds its first two layers resident (deepspeed.resident_layers=2: 4-bit buffers, whole on each rank,
+    never gathered) and must still write the uninterrupted run's bits."""
     whole = resume_runs[0]
     run = tiny_out / "run"
     shutil.copytree(whole, run)
@@ -231,7 +233,8 @@ def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     orphan.mkdir()
     (orphan / "rank0.safetensors").write_bytes(b"half a save")
     cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=run", "train.precision=fp32",
-                   f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0", "train.keep_last=2")
+                   f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0", "train.keep_last=2",
+                   "deepspeed.resident_layers=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     set_aside = run / "checkpoints" / ckpt.CORRUPT / broken.name
@@ -245,6 +248,10 @@ def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     a = load_file(ckpt.step_dir(whole, LAST) / "lorasp.safetensors")
     b = load_file(ckpt.step_dir(run, LAST) / "lorasp.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    for rank in (0, 1):  # the resident layers left ZeRO-3: what it partitions shrank by what each rank holds whole
+        sharded, resident = (json.loads((r / "partition" / f"rank{rank}.json").read_text()) for r in (whole, run))
+        assert sharded["resident_bytes"] == 0 and resident["resident_bytes"] > 0
+        assert sharded["param_bytes_total"] - resident["param_bytes_total"] == resident["resident_bytes"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["adapter"] == str(run / "adapter") and not (run / LOCK_FILE).exists()
     assert not list(run.glob(".summary.json.tmp-*"))
