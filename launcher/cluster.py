@@ -76,6 +76,10 @@ def connect(cfg: RunConfig) -> None:
                 f"launcher.address = '{lc.address}': no Ray cluster answers there ({e.strerror or e}); start one "
                 "with `ray start --head --port PORT`, or leave the address out to start a local instance"
             ) from None
+        # As for a local instance: the PlacementGroupCleaner finds this cluster by its address, not by looking for
+        # GCS processes on the host, where other clusters may run (SLURM jobs sharing a node): with two it prints
+        # "Found multiple active Ray instances" to the console and picks the newest.
+        runtime_env["env_vars"]["RAY_ADDRESS"] = lc.address
     # Ray sends its token (~/.ray/auth_token or RAY_AUTH_TOKEN) to an explicit address only with RAY_AUTH_MODE=token,
     # so that it never leaks to a wrong address; without it, a token-protected cluster answers "unauthenticated"
     # and Ray's client retries forever.

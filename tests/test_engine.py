@@ -272,7 +272,7 @@ def test_all_checkpoints_corrupt_stops_unless_told_to_start_over(resume_runs, tm
     _corrupt("flip", ckpt.step_dir(run, MID))
     _truncate_manifest(ckpt.step_dir(run, LAST))
     before = digest(run / "checkpoints")
-    proc = _refused_here("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
+    proc = refused_in_process("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert err[-1].startswith(f"error: train.resume = 'auto': every checkpoint in {run / 'checkpoints'} is corrupt (")
@@ -339,7 +339,7 @@ def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-def _refused_here(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def refused_in_process(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     """`lorasp train`'s entry point called in this process, for a run refused before it starts (a process of its own
     would spend ~3 s importing torch and DeepSpeed); what it printed, as a process's output."""
     argv = ["train", str(TINY), f"train.output_dir={cwd}", "train.eval_every=0", *overrides]

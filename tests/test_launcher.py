@@ -95,13 +95,15 @@ def flip_a_byte(path: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict]:
     """15 fp32 steps through `--address` to the second cluster, never interrupted, although two other runs try its
-    run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name."""
+    run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name. A third
+    cluster runs on the host meanwhile, as another SLURM job's on a shared node: the launch must find its own."""
     head, env = ray_cluster
     out, logs = seed_tiny(tmp_path_factory.mktemp("reference")), tmp_path_factory.mktemp("reference-output")
     run = out / "whole"
     args = (f"train.output_dir={out}", "train.run_name=whole", *EXACT, "--address", head.address)
     t0 = time.time()
-    with open(logs / "stdout", "w+") as stdout, open(logs / "stderr", "w+") as stderr:
+    with RayEnv() as other_env, open(logs / "stdout", "w+") as stdout, open(logs / "stderr", "w+") as stderr:
+        other = RayHead(other_env, cpus=1)
         proc = subprocess.Popen(launch_cmd(*args), env=env, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
         try:
             # the lock is taken before the workers start: the rivals come while this run loads and trains
@@ -116,6 +118,7 @@ def reference(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subproces
         finally:
             if proc.poll() is None:
                 proc.kill()
+            other.stop()
         stdout.seek(0), stderr.seek(0)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
     print(f"reference run took {time.time() - t0:.0f} s")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from ports import free_ports
 from safetensors.torch import load_file
-from test_engine import REPO, TINY, digest, metrics, torchrun, train
+from test_engine import REPO, TINY, refused_in_process, digest, metrics, train
 
 from lorasp_dist.engine import checkpoint as ckpt
 
@@ -147,12 +147,12 @@ def test_resume_across_a_redraw_matches_uninterrupted(tiny_out):
     mw, mr = metrics(whole), metrics(resumed)
     assert [mr[s]["loss"] for s in range(1, STEPS + 1)] == [mw[s]["loss"] for s in range(1, STEPS + 1)]
 
-    # Continued with another lorasp.resample_every, the run would train on masks the checkpoint never held: refused.
+    # Continued with another lorasp.resample_every, the run would train on masks the checkpoint never held: refused
+    # by preflight, before any rank starts (so lorasp train's entry point is called in this process).
     saved = digest(whole / "checkpoints")
-    cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=whole", *COMMON,
-                   "lorasp.resample_every=3")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode != 0
-    assert (f"error: train.resume = '{ckpt.step_dir(whole, STEPS)}': its masks are of round 2 at step 6, where "
-            "lorasp.resample_every = 3 gives round 1") in proc.stderr, proc.stderr[-3000:]
-    assert digest(whole / "checkpoints") == saved  # (torchrun itself prints a traceback when a rank fails)
+    proc = refused_in_process("train.run_name=whole", *COMMON, "lorasp.resample_every=3", cwd=tiny_out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: train.resume = '{ckpt.step_dir(whole, STEPS)}': its masks are of round 2 at step 6, where "
+        "lorasp.resample_every = 3 gives round 1; resume with the run's lorasp.resample_every")
+    assert digest(whole / "checkpoints") == saved

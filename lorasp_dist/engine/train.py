@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from lorasp_dist.atomic import atomic_write_text
@@ -164,16 +165,37 @@ def preflight(cfg: RunConfig) -> Prepared:
     from lorasp_dist.model.load import ensure_base
 
     check_inputs(cfg)
+    resume_from = None
     if cfg.train.resume not in ("auto", "never"):
-        ok, why = ckpt.verify(Path(cfg.train.resume))
+        resume_from = Path(cfg.train.resume)
+        ok, why = ckpt.verify(resume_from)
         if not ok:
             raise ConfigError(f"train.resume = '{cfg.train.resume}': not a valid checkpoint ({why})")
     if cfg.train.resume == "auto" and cfg.train.run_name:  # a run whose every checkpoint is corrupt stops here
-        ckpt.resume_point(Path(cfg.train.output_dir) / cfg.train.run_name, cfg.train.restart_if_corrupt)
+        resume_from = ckpt.resume_point(Path(cfg.train.output_dir) / cfg.train.run_name,
+                                        cfg.train.restart_if_corrupt).newest
+    if resume_from is not None:
+        check_mask_round(resume_from, cfg.lorasp.resample_every)
     tokenizer = ensure_tokenizer(cfg)
     train_ds, val_ds = build_datasets(cfg, tokenizer)
     check_batch_fits(train_ds, cfg)
     return Prepared(tokenizer, train_ds, val_ds, ensure_base(cfg))
+
+
+def check_mask_round(path: Path, every: int) -> int:
+    """The round of the masks a run resumed from checkpoint `path` trains with: its step's under
+    lorasp.resample_every. A ConfigError when the checkpoint's masks are of another round (the run was trained with
+    another resample_every): it would go on with masks it never held. Reads only the masks' seeds."""
+    step = ckpt.read_manifest(path)["step"]
+    expected = mask_round(step, every)
+    with safe_open(path / "lorasp.safetensors", "pt") as f:
+        saved = {int(f.get_tensor(k)[1]) for k in f.keys() if k.endswith(".mask_seed")}
+    if saved - {expected}:
+        raise ConfigError(
+            f"train.resume = '{path}': its masks are of round {max(saved)} at step {step}, where "
+            f"lorasp.resample_every = {every} gives round {expected}; resume with the run's lorasp.resample_every"
+        )
+    return expected
 
 
 def early_data(cfg: RunConfig) -> Prepared | None:
@@ -349,27 +371,20 @@ class Recipe:
             self.optimizer.load_state_dict([None] * self.rank + [own["optimizer"]])
             self.scheduler.load_state_dict(own["scheduler"])
             _set_rng(own["rng"])
-            self._restore_masks(path, meta["step"])
+            self._restore_masks(path)
         self.step, self.sample_pos = meta["step"], meta["sample_pos"]
         if self.is_main:
             print(f"[lorasp] resumed from {path} at step {self.step}", flush=True)
 
-    def _restore_masks(self, path: Path, step: int) -> None:
+    def _restore_masks(self, path: Path) -> None:
         """The masks a checkpoint trained with: their round follows from its step (lorasp.resample_every), and after
         a redraw its frozen values, trained before the redraw froze them, are in its lorasp.safetensors (the
         optimizer partitions hold the trainable ones)."""
         from lorasp_dist.lorasp import load_lorasp_state_dict
 
-        state = ckpt.load_state_file(path / "lorasp.safetensors")["lorasp"]
-        saved = {int(v[1]) for k, v in state.items() if k.endswith(".mask_seed")}
-        every = self.cfg.lorasp.resample_every
-        expected = mask_round(step, every)
-        if saved - {expected}:
-            raise ConfigError(
-                f"train.resume = '{path}': its masks are of round {max(saved)} at step {step}, where "
-                f"lorasp.resample_every = {every} gives round {expected}; resume with the run's lorasp.resample_every"
-            )
-        if expected:
+        # Checked again: preflight checked the checkpoint it chose, and a restart may resume from a newer one.
+        if check_mask_round(path, self.cfg.lorasp.resample_every):
+            state = ckpt.load_state_file(path / "lorasp.safetensors")["lorasp"]
             with self.gathered_lorasp(modifier_rank=0):
                 load_lorasp_state_dict(self.model, state)
 
