@@ -122,8 +122,9 @@ class TrainConfig(_Section):
     seed: int = 0
     gradient_checkpointing: bool = True
     # On GPUs: the decoder layers' RMSNorm and SwiGLU as compiled fused kernels (model/fused.py), not transformers'
-    # chains of elementwise kernels; CPU runs keep transformers' modules. Off until a GPU run shows a gain: one llama-65b
-    # run at micro-batch 1 measured 928 tok/s, within the spread of the runs without it (bench/NOTES.md, session 16).
+    # chains of elementwise kernels; CPU runs keep transformers' modules. Off until a GPU run shows a gain: one
+    # llama-65b run at micro-batch 1 measured 928 tok/s, within the spread of the runs without it (bench/NOTES.md,
+    # session 16).
     fused_kernels: bool = False
     # With checkpointing: how many decoder layers, the first ones, recompute their activations in the backward (None:
     # all). The others keep theirs, which skips a third of their arithmetic for their activations' memory;

@@ -14,7 +14,7 @@ import pytest
 import torch
 from ports import free_ports
 from safetensors.torch import load_file
-from test_engine import REPO, TINY, refused_in_process, digest, metrics, train
+from test_engine import REPO, TINY, digest, metrics, refused_in_process, train
 
 from lorasp_dist.engine import checkpoint as ckpt
 
