@@ -34,13 +34,16 @@ def expected(variant: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def counted(tmp_path_factory, seed_tiny) -> dict[str, dict[str, int]]:
     out = seed_tiny(tmp_path_factory.mktemp("adapter-bytes"))
-    held = {}
-    for variant in ("lorasp", "lora"):
+    runs = {}
+    for variant in ("lorasp", "lora"):  # side by side: each is one process on one core
         cmd = [sys.executable, "-m", "lorasp_dist", "train", str(REPO / "examples" / "tiny.yaml"),
                "train.max_steps=1", "data.seq_len=64", "train.eval_every=0", "train.save_every=0",
                f"lorasp.variant={variant}", f"train.output_dir={out}", f"train.run_name={variant}"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[variant] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = {}
+    for variant, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
         held[variant] = json.loads((out / variant / "memory" / "adapter_rank0.json").read_text())["bytes"]
     return held
 
