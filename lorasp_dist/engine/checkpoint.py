@@ -97,6 +97,12 @@ def load_state_file(path: Path, live: dict | None = None) -> dict:
     return unflatten_state(skel, tensors, live)
 
 
+def load_tensors_ending(path: Path, suffix: str) -> list[torch.Tensor]:
+    """The tensors of a state file whose names end with `suffix`, without reading the others."""
+    with safe_open(path, "pt") as f:
+        return [f.get_tensor(k) for k in f.keys() if k.endswith(suffix)]
+
+
 # --- integrity -------------------------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from lorasp_dist.atomic import atomic_write_text
@@ -188,8 +187,7 @@ def check_mask_round(path: Path, every: int) -> int:
     another resample_every): it would go on with masks it never held. Reads only the masks' seeds."""
     step = ckpt.read_manifest(path)["step"]
     expected = mask_round(step, every)
-    with safe_open(path / "lorasp.safetensors", "pt") as f:
-        saved = {int(f.get_tensor(k)[1]) for k in f.keys() if k.endswith(".mask_seed")}
+    saved = {int(seed[1]) for seed in ckpt.load_tensors_ending(path / "lorasp.safetensors", ".mask_seed")}
     if saved - {expected}:
         raise ConfigError(
             f"train.resume = '{path}': its masks are of round {max(saved)} at step {step}, where "
