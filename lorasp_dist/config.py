@@ -122,10 +122,9 @@ class TrainConfig(_Section):
     seed: int = 0
     gradient_checkpointing: bool = True
     # On GPUs: the decoder layers' RMSNorm and SwiGLU as compiled fused kernels (model/fused.py), not transformers'
-    # chains of elementwise kernels; CPU runs keep transformers' modules. Off until a GPU run shows a gain: one
-    # llama-65b run at micro-batch 1 measured 928 tok/s, within the spread of the runs without it (bench/NOTES.md,
-    # session 16).
-    fused_kernels: bool = False
+    # chains of elementwise kernels; CPU runs keep transformers' modules. llama-65b on one H200 at micro-batch 4:
+    # +8% tokens/s and 18 GiB less reserved; at micro-batch 1 no change (bench/NOTES.md, session 18).
+    fused_kernels: bool = True
     # With checkpointing: how many decoder layers, the first ones, recompute their activations in the backward (None:
     # all). The others keep theirs, which skips a third of their arithmetic for their activations' memory;
     # `lorasp plan --gpu-mem` finds the smallest number that fits. Like torchtune's selective activation checkpointing.
