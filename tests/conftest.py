@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
 
-# DeepSpeed JIT-builds its CPU ops (shared-memory comm ~40 s, cpu_adam ~50 s) on first use: build them once.
+# DeepSpeed JIT-builds its CPU Adam (~50 s) on first use: build it once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -70,6 +70,11 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed's CPU backend loads its shared-memory all-reduce op at init, JIT-building it first (~40 s of gcc
+        # on a first run). Only tensor-parallel inference calls it (inference_all_reduce), never a training step.
+        # __compatible_ops__ is DeepSpeed's cached probe of its ops, kept in one dict so that edits to it hold.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
