@@ -273,13 +273,23 @@ def test_job_runs_to_completion(slurm, slurm_jobs):
 
 @pytest.mark.slow
 def test_nan_run_fails_the_slurm_job_with_exit_4(slurm, slurm_jobs):
-    """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why."""
+    """The batch job passes `lorasp launch`'s 4 on: FAILED with exit code 4, not requeued, with a line saying why.
+    Under Ray a NaN stop is deliberate: the ranks return, and Ray Train does not restart the group its
+    launcher.max_failures (2) times as it would a crash."""
     job, run = slurm_jobs[0]["nan"]
     assert slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT_S) == "FAILED"
     assert slurm.job_field(job, "ExitCode") == "4:0" and slurm.job_field(job, "Restarts") == "0"
     log = Path(f"{run}.slurm-{job}.out").read_text()
     assert f"error: the loss went NaN/inf, see {run}/nonfinite.json" in log and "lorasp launch exited with 4" in log
-    check_nothing_saved_from_bad_steps(run)
+    first_bad, last, newest = check_nothing_saved_from_bad_steps(run)
+    assert f"[lorasp] stopped at step {last}: NaN/inf loss" in log and "training failed" not in log
+    for rank in (0, 1):  # one start per rank: never restarted as a crash
+        assert (run / "logs" / f"rank{rank}.log").read_text().count(f"[lorasp] rank {rank} pid ") == 1
+    record("NaN / non-finite loss (Ray)", entry="lorasp launch (SLURM job)", exit_code=4, steps_lost=last - newest,
+           data_lost=not ckpt.verify(ckpt.step_dir(run, newest))[0],
+           outcome=f"loss NaN from step {first_bad}; stopped at step {last} with no restart, nothing saved from "
+                   f"steps {first_bad}-{last}, checkpoint of step {newest} intact, no adapter; the job FAILED with "
+                   "exit code 4, not requeued")
 
 
 @pytest.mark.slow
