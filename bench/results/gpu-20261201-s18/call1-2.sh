@@ -1,4 +1,5 @@
-# session 18 call 1 (1x H200, carry .whl-gpu .gpu/common.sh .gpu/s18c1.sh): rev 3a8a955. llama-65b zero3, resident_layers=80.
+# session 18 calls 1 and 2 (1x H200, carry .whl-gpu .gpu/common.sh .gpu/s18c1.sh): rev 3a8a955. llama-65b zero3, resident_layers=80.
+# Call 1 ran this without the chatterbot-corpus line and failed at every run ("the built-in corpus needs chatterbot-corpus"); call 2 is this file.
 # mbs 4 with 51 layers checkpointed: train.fused_kernels false/true alternating, 2 runs each (issue 12's MFU line);
 # then, while time is left, mbs 1 (every layer checkpointed): fused false/true.
 export WHL=.whl-gpu; source .gpu/common.sh

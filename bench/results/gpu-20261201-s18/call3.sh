@@ -1,4 +1,4 @@
-# session 18 call 2 (1x H200, carry .whl-gpu .gpu/common.sh .gpu/s18c1.sh): rev 3a8a955. llama-65b zero3, resident_layers=80.
+# session 18 call 3 (1x H200, carry .whl-gpu .gpu/common.sh .gpu/s18c2.sh): rev 3a8a955. llama-65b zero3, resident_layers=80.
 export WHL=.whl-gpu; source .gpu/common.sh
 [ -d /tmp/site/chatterbot_corpus ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-gpu/chatterbot*.whl; el
 REV=3a8a955
