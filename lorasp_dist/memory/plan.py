@@ -104,13 +104,10 @@ def with_setting(cfg: RunConfig, ds_config: str, gradient_checkpointing: bool, m
 
 
 def search_fitting(cfg: RunConfig, world_size: int, budget: Budget) -> list[MemoryPlan]:
-    """Every setting of (deepspeed.config, micro-batch, checkpointing) of this config that fits on GPUs, the expected
-    fastest first: no offload before offloading the optimizer before offloading everything, larger micro-batches
-    first (a step's fixed host cost is shared by more tokens: llama-65b on one H200 ran 1,289 tokens/s at micro-batch
-    4 with 51 of 80 layers checkpointed, ~700 at micro-batch 1 with none), no checkpointing before checkpointing.
-    In the memory the micro-batch leaves: first the most resident layers (per GiB they save more than kept
-    activations do: three gathers a step for a layer's 4-bit weights less its partition), then, with checkpointing,
-    the fewest checkpointed layers."""
+    """Every setting of (deepspeed.config, micro-batch, checkpointing) of this config that fits on GPUs, in each one
+    the most resident layers and, with checkpointing, the fewest checkpointed layers that fit (in that order: per GiB
+    a resident layer saves more, three gathers a step of its 4-bit weights less its partition). The expected fastest
+    first (`expected_speed`)."""
     found = []
     for ds_config in DS_CONFIGS:
         for mb in MICRO_BATCHES:
@@ -119,7 +116,19 @@ def search_fitting(cfg: RunConfig, world_size: int, budget: Budget) -> list[Memo
                 if fits(plan, budget):
                     plan = _most_resident(cfg, plan, budget)
                     found.append(_fewest_checkpointed(cfg, plan, budget) if gc else plan)
-    return found
+    return sorted(found, key=expected_speed)
+
+
+def expected_speed(plan: MemoryPlan) -> tuple:
+    """A sort key, fastest first. No offload before offloading the optimizer before offloading everything. Then the
+    larger micro-batch up to 4, which shares a step's fixed host cost among more tokens (llama-65b on one H200: ~1,000
+    tokens/s at micro-batch 1, 1,300-1,450 at 4). Then the least recompute: a checkpointed layer's share of 2·N FLOPs
+    a token on top of 6·N (micro-batch 8 with 69 of 80 layers checkpointed ran at 1,267 against 1,293-1,311 for 4
+    with 51). Then the larger micro-batch (on 2 GPUs, every layer checkpointed: 1,138-1,147 at 8 against 1,071 at 4).
+    bench/NOTES.md (session 18) fits a step model to these records."""
+    layers = plan.preset_shape().num_hidden_layers
+    recomputed = (plan.checkpoint_layers or layers) / layers if plan.gradient_checkpointing else 0.0
+    return DS_CONFIGS.index(plan.ds_config), -min(plan.micro_batch, 4), recomputed, -plan.micro_batch
 
 
 def _at(cfg: RunConfig, plan: MemoryPlan, checkpoint_layers: int | None, resident_layers: int) -> MemoryPlan:
