@@ -8,6 +8,7 @@ so other Ray sessions on the machine are never touched.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -80,8 +81,10 @@ class RayEnv:
 
     def __enter__(self) -> dict:
         self.root = tempfile.mkdtemp(prefix="lr-", dir="/tmp")
-        # RAY_AUTH_MODE=token: Ray sends its token to an explicit --address only when told to (the SLURM job does too)
+        # RAY_AUTH_MODE=token: Ray sends its token to an explicit --address only when told to (the SLURM job does too).
+        # The token is this session's own, as slurm/lorasp.sbatch makes one: a fresh machine has no ~/.ray/auth_token.
         env = {**os.environ, "RAY_TMPDIR": self.root, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
+               "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32),
                # Ray Train's controller polls its workers every 2 s: each start, end and restart of a launch waits
                # for a poll. The driver passes this on to the controller.
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
