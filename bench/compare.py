@@ -8,6 +8,11 @@ run, so no system gets all the good minutes. Systems: `lorasp` (bench/run.py thr
 (bench/baseline_fsdp.py). Every record goes to records.jsonl in the fixed format, plus `compare_id` and `repeat`;
 `<compare_id>.{json,md}` gives the median and range of tokens/s per GPU per system and micro-batch, peak memory, and
 our ratio to each other system. A run that fails is a row with its exit code, never a number.
+
+A comparison too long for one device call (10 minutes) runs as several, each alternating; `--merge` then writes one
+summary of their records:
+
+    python bench/compare.py --merge compare-llama-65b-20261201-161500 compare-llama-65b-20261201-162400
 """
 
 from __future__ import annotations
@@ -74,7 +79,11 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/lorasp-bench")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for our runs")
+    p.add_argument("--merge", nargs="+", default=None, metavar="COMPARE_ID",
+                   help="run nothing: one summary of these comparisons' records in records.jsonl")
     a = p.parse_args()
+    if a.merge:
+        return merge(a.merge, Path(a.results))
 
     compare_id = new_run_id(f"compare-{a.preset}")
     ctx = context(compare_id)
@@ -97,14 +106,35 @@ def main() -> int:
                     append_records(new, Path(a.results))  # now: a call cut short keeps every run it finished
                     records += new
     rows = summarize(records, failures)
+    notes = [f"{a.preset}, {a.ds_config}, seq {a.seq_len}, r={a.rank} on all seven projections, gradient "
+             f"checkpointing, {a.steps} steps a run (the first 3 are warm-up), {a.repeats} alternating repeats"]
+    write(compare_id, ctx, rows, Path(a.results), notes)
+    return 1 if failures else 0
+
+
+def merge(compare_ids: list[str], results: Path) -> int:
+    lines = (results / "records.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r.get("compare_id") in compare_ids]
+    missing = sorted(set(compare_ids) - {r["compare_id"] for r in records})
+    if missing:
+        raise SystemExit(f"--merge: no records of {missing} in {results / 'records.jsonl'}")
+    first = records[0]
+    ctx = {**context(f"{first['compare_id']}-merged"),
+           **{k: ", ".join(sorted({str(r[k]) for r in records})) for k in ("git_rev", "device")}}
+    summary = results / f"{first['compare_id']}.json"  # the records hold no versions; the first call's summary does
+    ctx["versions"] = json.loads(summary.read_text())["versions"] if summary.is_file() else {}
+    notes = [f"{first['preset']}, {first['ds_config']}, seq {first['seq_len']}, r={first['rank']}: the runs of "
+             f"{', '.join(compare_ids)}, each alternating its systems within one device call"]
+    write(ctx["run_id"], ctx, summarize(records, []), results, notes)
+    return 0
+
+
+def write(compare_id: str, ctx: dict, rows: list[dict], results: Path, notes: list[str]) -> None:
     cols = ["system", "micro_batch", "runs", "tokens_per_s_per_gpu", "tokens_per_s_lo", "tokens_per_s_hi", "mfu",
             "peak_reserved_gib", "peak_nvml_gib", "ours_over_this", "failed"]
-    notes = [f"{a.preset}, {a.ds_config}, seq {a.seq_len}, r={a.rank} on all seven projections, gradient "
-             f"checkpointing, {a.steps} steps a run (the first 3 are warm-up), {a.repeats} alternating repeats",
-             "ours_over_this: our median tokens/s per GPU over this row's, at the same micro-batch"]
-    write_summary(compare_id, ctx, rows, cols, Path(a.results), notes)
+    notes = [*notes, "ours_over_this: our median tokens/s per GPU over this row's, at the same micro-batch"]
+    write_summary(compare_id, ctx, rows, cols, results, notes)
     print(json.dumps(rows, indent=1))
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":
