@@ -121,8 +121,9 @@ def merge(compare_ids: list[str], results: Path) -> int:
     first = records[0]
     ctx = {**context(f"{first['compare_id']}-merged"),
            **{k: ", ".join(sorted({str(r[k]) for r in records})) for k in ("git_rev", "device")}}
-    summary = results / f"{first['compare_id']}.json"  # the records hold no versions; the first call's summary does
-    ctx["versions"] = json.loads(summary.read_text())["versions"] if summary.is_file() else {}
+    # the records hold no versions; each call's summary does (a call cut short wrote none)
+    summaries = [results / f"{c}.json" for c in compare_ids if (results / f"{c}.json").is_file()]
+    ctx["versions"] = json.loads(summaries[0].read_text())["versions"] if summaries else {}
     notes = [f"{first['preset']}, {first['ds_config']}, seq {first['seq_len']}, r={first['rank']}: the runs of "
              f"{', '.join(compare_ids)}, each alternating its systems within one device call"]
     write(ctx["run_id"], ctx, summarize(records, []), results, notes)
