@@ -1,6 +1,7 @@
 """Shared test set-up: one DeepSpeed extension cache for the whole run, its ops built in the background while the quick
 tests run first, CPU DeepSpeed, offline hubs; the tiny preset's tokenizer and base built once; one Ray cluster for the
-tests that join one with `--address`; one SLURM cluster, whose long jobs start with the first slow test."""
+tests that join one with `--address`; one SLURM cluster, whose long jobs start with the first slow test on Ray; under
+pytest-xdist (pyproject's addopts), the tests on Ray and SLURM in one worker and the others in the other."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # A thread per worker, in it and in what it starts: OpenMP threads that spin for a core the other worker holds
+    # made a 1-s training test take 70 s.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 _ops_build: subprocess.Popen | None = None
 
 
@@ -56,10 +62,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The modules on a Ray instance or SLURM. Their tests mostly wait (Ray starting actors and polling them, SLURM
+# scheduling) and share the session's Ray cluster and SLURM jobs, so pytest-xdist gives them all to one worker, while
+# the other runs the busy modules (DeepSpeed on CPU).
+CLUSTER_MODULES = {"test_launcher.py", "test_slurm.py", "test_instruct_smoke.py", "test_quality_engine_smoke.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        """A module at a time, so that its module fixtures are built once; the cluster modules as one unit."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "cluster" if Path(module).name in CLUSTER_MODULES else module
+
+    return ByModule(config, log)
+
+
 def pytest_collection_finish(session):
     """A session with DeepSpeed runs (the `slow` tests) builds DeepSpeed's JIT ops in the background (tests/ds_ops.py),
     once, into the one TORCH_EXTENSIONS_DIR; when they are built already it only loads them."""
     global _ops_build
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # one build for the run: a worker that needs an op first waits on torch's lock for it
     if any("slow" in item.keywords for item in session.items):
         ext_dir = Path(os.environ["TORCH_EXTENSIONS_DIR"])
         ext_dir.mkdir(parents=True, exist_ok=True)

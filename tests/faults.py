@@ -6,6 +6,7 @@ A row is keyed by the fault's name, so a partial run (`pytest -k ...`) updates i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -25,9 +26,17 @@ def record(fault: str, *, entry: str, exit_code: int | None, steps_lost: int, da
 def write() -> None:
     if not _rows:
         return
-    rows = json.loads(DATA.read_text()) if DATA.is_file() else {}
-    rows.update(_rows)
-    DATA.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    with open(DATA, "a+") as data:  # locked: each pytest-xdist worker merges its own rows in turn
+        fcntl.flock(data, fcntl.LOCK_EX)
+        data.seek(0)
+        rows = json.loads(data.read() or "{}")
+        rows.update(_rows)
+        data.truncate(0)
+        data.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        _write_table(rows)
+
+
+def _write_table(rows: dict[str, dict]) -> None:
     lines = [
         "# Fault table",
         "",
