@@ -8,7 +8,14 @@ writes, so stock transformers loads our checkpoints and we load theirs.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+# On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch an optional CPU kernel from the Hugging Face hub
+# (through the `kernels` package) and logs a warning on every rank when it cannot; we never use that kernel (see
+# support_avx512bf16_for_cpu below) and never download at run time.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # ZeRO-3 partitions floating-point tensors; bf16 storage makes the 4-bit weights shardable like any other weight.
 QUANT_STORAGE = torch.bfloat16
