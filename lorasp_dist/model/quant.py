@@ -9,6 +9,7 @@ writes, so stock transformers loads our checkpoints and we load theirs.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -20,6 +21,25 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # ZeRO-3 partitions floating-point tensors; bf16 storage makes the 4-bit weights shardable like any other weight.
 QUANT_STORAGE = torch.bfloat16
 QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def bitsandbytes():
+    """bitsandbytes, imported without its torch.compile decorators: they import torch._dynamo and torch._inductor,
+    ~2 s of CPU in every rank. bitsandbytes keeps the plain function where torch.compile raises (its
+    `_try_torch_compile`), so it raises during the import. Those are fallback kernels we never call (CUDA's and the
+    CPU library's run instead), and torch.compile is itself again afterwards."""
+    if "bitsandbytes" not in sys.modules:
+        compile_ = torch.compile
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("torch.compile is off while bitsandbytes is imported")
+
+        torch.compile = refuse
+        try:
+            import bitsandbytes  # noqa: F401
+        finally:
+            torch.compile = compile_
+    return sys.modules["bitsandbytes"]
 
 
 def quantization_config() -> dict:
@@ -38,8 +58,7 @@ def quantization_config() -> dict:
 
 def quantize_nf4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """A dense weight (on any device) -> {"weight": packed, "weight.absmax": ..., ...} on the CPU."""
-    import bitsandbytes.functional as F
-
+    F = bitsandbytes().functional
     packed, state = F.quantize_4bit(
         weight.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=QUANT_STORAGE
     )
@@ -69,9 +88,7 @@ class _Matmul4bit(torch.autograd.Function):
 
 def _dequantized(weight, dtype: torch.dtype) -> torch.Tensor:
     """The 4-bit weight as a dense matrix, read through the Parameter (or resident buffer): its data now."""
-    import bitsandbytes.functional as F
-
-    return F.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(dtype)
+    return bitsandbytes().functional.dequantize_4bit(weight.data.view(-1, 1), weight.quant_state).to(dtype)
 
 
 class _LoRAMatmul4bit(torch.autograd.Function):
@@ -108,7 +125,7 @@ class _LoRAMatmul4bit(torch.autograd.Function):
 
 
 def _linear4bit_class():
-    import bitsandbytes as bnb
+    bnb = bitsandbytes()
 
     class Linear4bitZeRO(bnb.nn.Linear4bit):
         """bitsandbytes' Linear4bit (same weights, same state dict) with a ZeRO-3-safe matmul (see _Matmul4bit)."""
@@ -152,8 +169,7 @@ def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str
     """A 4-bit linear layer (a bitsandbytes Linear4bit) holding pre-quantized `tensors` (the output of
     quantize_nf4), on `device`. `resident`: the packed weight and its absmax are buffers, not parameters, so ZeRO-3
     (which partitions and gathers parameters only) leaves them whole on this rank."""
-    import bitsandbytes as bnb
-
+    bnb = bitsandbytes()
     stats = {k.removeprefix("weight."): v for k, v in tensors.items() if k != "weight"}
     shape = _unpack_shape(stats)
     layer = _linear4bit_class()(
@@ -181,7 +197,5 @@ def make_linear4bit(tensors: dict[str, torch.Tensor], device: torch.device | str
 
 
 def _unpack_shape(stats: dict[str, torch.Tensor]) -> tuple[int, int]:
-    from bitsandbytes.functional import unpack_tensor_to_dict
-
-    meta = unpack_tensor_to_dict(stats["quant_state.bitsandbytes__nf4"])
+    meta = bitsandbytes().functional.unpack_tensor_to_dict(stats["quant_state.bitsandbytes__nf4"])
     return tuple(meta["shape"])
