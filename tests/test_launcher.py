@@ -342,45 +342,6 @@ def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, ray_cluster, tin
 
 
 @pytest.mark.slow
-def test_sigusr1_stops_with_a_checkpoint_and_resume_finishes(uninterrupted, ray_cluster, tiny_out):
-    """The SLURM contract: USR1 to `lorasp launch` -> checkpoint, exit 3 and a resume line; --resume finishes."""
-    head, env = ray_cluster
-    run = tiny_out / "stopped"
-    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=stopped", *EXACT, "--address", head.address)
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 2,
-                 "step 2", proc)
-        proc.send_signal(signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 3, out[-6000:]
-    stopped_at = max(steps_logged(run))
-    assert stopped_at < 15
-    assert f"[lorasp] stopped at step {stopped_at} (SIGUSR1); resume with: " in out
-    assert (run / "checkpoints" / f"step-{stopped_at:06d}" / "manifest.json").is_file()
-    assert not (run / "STOP").exists() and not (run / "adapter").exists()
-    resume_line = next(line for line in out.splitlines() if "resume with: " in line)
-    assert resume_line.endswith(f"--resume {run}")
-
-    again = launch(env, f"train.output_dir={tiny_out}", "train.run_name=stopped", *EXACT,
-                   "--address", head.address, "--resume", str(run))
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
-    assert sorted(steps_logged(run)) == list(range(1, 16))  # nothing redone: the stop checkpoint is the last step
-    gap = adapter_gap(run, uninterrupted)
-    print(f"stopped at step {stopped_at}; max |stopped+resumed - uninterrupted| over the adapter: {gap:.3g}")
-    assert gap <= 1e-5
-    log = (run / "logs" / "rank0.log").read_text()
-    resumed_at = int(re.search(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[1])
-    record("SIGUSR1", entry="lorasp launch", exit_code=proc.returncode, steps_lost=stopped_at - resumed_at,
-           data_lost=gap > 1e-5,
-           outcome=f"stopped at step {stopped_at} with a checkpoint and a resume line; --resume finished the run, "
-                   "its adapter matching an uninterrupted run")
-
-
-@pytest.mark.slow
 def test_failure_beyond_max_failures_exits_1(ray_cluster, tiny_out):
     head, env = ray_cluster
     run = tiny_out / "doomed"
@@ -423,14 +384,18 @@ def newest_checkpoint_step(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tiny_out):
-    """Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank
-    checkpoints, exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with
-    token authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0."""
+def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, ray_cluster, ray_env, tiny_out):
+    """One run, stopped twice and finished (SIGUSR1, SLURM's stop, takes the first path: tests/test_slurm.py).
+    1. Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank checkpoints,
+       exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with token
+       authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0.
+    2. Resumed, then Ctrl-C twice: no waiting for a checkpoint; exit 130, and the local Ray instance goes with it.
+    3. Resumed on the session's cluster: it continues from the newest checkpoint and ends with the adapter of a run
+       never interrupted."""
+    head, cluster_env = ray_cluster
     env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     run = tiny_out / "interrupted"
-    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=interrupted", "train.max_steps=40",
-                     "train.save_every=10", "train.eval_every=0")
+    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=interrupted", *EXACT)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -450,24 +415,20 @@ def test_ctrl_c_stops_with_a_checkpoint_and_ray_listens_on_loopback(ray_env, tin
            steps_lost=stopped_at - saved, data_lost=saved != stopped_at,
            outcome=f"checkpoint at step {saved} of {stopped_at} done")
     assert proc.returncode == 3, out[-6000:]
-    assert f"[lorasp] stopped at step {stopped_at} (SIGINT); resume with: " in out
-    assert saved == stopped_at
+    assert stopped_at < 10 and saved == stopped_at
+    resume_line = next(line for line in out.splitlines() if "resume with: " in line)
+    assert resume_line.startswith(f"[lorasp] stopped at step {stopped_at} (SIGINT); resume with: ")
+    assert resume_line.endswith(f"--resume {run}")
+    assert not (run / "STOP").exists() and not (run / "adapter").exists()
     print(f"listening: {sorted(set(sockets))}")
     wide = [(ip, port, name) for ip, port, name in sockets if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
     assert sockets and len(store) <= 1 and all(port in store for _, port, _ in wide), (wide, store)
     assert gcs_env.get("RAY_AUTH_MODE") == "token" and len(gcs_env.get("RAY_AUTH_TOKEN", "")) >= 32
 
-
-@pytest.mark.slow
-def test_second_ctrl_c_aborts_at_once(ray_env, tiny_out):
-    """Ctrl-C twice: no waiting for the checkpoint; exit 130, and the local Ray instance goes with the launcher."""
-    run = tiny_out / "aborted"
-    cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=aborted", "train.max_steps=40",
-                     "train.save_every=10", "train.eval_every=0")
-    proc = subprocess.Popen(cmd, env=ray_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--resume", str(run)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 2, "step 2", proc)
+        wait_for(lambda: max(steps_logged(run)) >= stopped_at + 2, f"step {stopped_at + 2}", proc)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.2)
@@ -478,10 +439,29 @@ def test_second_ctrl_c_aborts_at_once(ray_env, tiny_out):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    aborted_at = max(steps_logged(run))
     assert proc.returncode == 130, out[-6000:]
     assert "[lorasp] SIGINT again: aborting now, without a checkpoint" in out and took < 60, took
     _, alive = psutil.wait_procs(ray_procs, timeout=30)
     assert not alive, alive
+    assert not (run / LOCK_FILE).exists()  # the launcher released its lock on the way out
+    newest = newest_checkpoint_step(run)
+    assert stopped_at <= newest and aborted_at - newest <= 5  # at most one interval (train.save_every) to redo
+
+    again = launch(cluster_env, *EXACT, "--address", head.address, "--resume", str(run))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    log = (run / "logs" / "rank0.log").read_text()
+    assert int(re.findall(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[-1]) == newest
+    for rank in (0, 1):  # the records of the steps redone were dropped on resuming: every step once
+        assert steps_logged(run, rank) == list(range(1, 16))
+    gap = adapter_gap(run, uninterrupted)
+    print(f"stopped at step {stopped_at}, aborted at {aborted_at}, resumed from {newest}; "
+          f"max |resumed - uninterrupted| over the adapter: {gap:.3g}")
+    record("second Ctrl-C (abort)", entry="lorasp launch (local Ray)", exit_code=130,
+           steps_lost=aborted_at - newest, data_lost=gap > 1e-5,
+           outcome=f"aborted at step {aborted_at} without a checkpoint; --resume continued from step {newest} "
+                   "and finished, its adapter matching an uninterrupted run")
+    assert gap <= 1e-5
 
 
 @pytest.mark.slow

@@ -247,6 +247,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, slurm_jobs):
     assert stopped < PREEMPT_STEPS and f"requeued job {job}" in log and "(restart 1)" in log
     steps = steps_logged(run_dir)
     redone = sum(n - 1 for n in Counter(steps).values())
+    exit_code = int(re.search(r"lorasp launch exited with (\d+)", log)[1])  # the first start's
+    record("SIGUSR1 (preemption)", entry="lorasp slurm submit", exit_code=exit_code, steps_lost=redone,
+           data_lost=not (run_dir / "adapter" / "adapter_model.safetensors").is_file(),
+           outcome=f"stopped at step {stopped} with a checkpoint; the job requeued itself and its next start "
+                   f"finished the run")
+    assert exit_code == EXIT_STOPPED
     assert sorted(set(steps)) == list(range(1, PREEMPT_STEPS + 1)) and redone <= SAVE_EVERY, steps  # one interval
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
