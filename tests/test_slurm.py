@@ -251,7 +251,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, slurm_jobs):
     record("SIGUSR1 (preemption)", entry="lorasp slurm submit", exit_code=exit_code, steps_lost=redone,
            data_lost=not (run_dir / "adapter" / "adapter_model.safetensors").is_file(),
            outcome=f"stopped at step {stopped} with a checkpoint; the job requeued itself and its next start "
-                   f"finished the run")
+                   "finished the run")
     assert exit_code == EXIT_STOPPED
     assert sorted(set(steps)) == list(range(1, PREEMPT_STEPS + 1)) and redone <= SAVE_EVERY, steps  # one interval
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
