@@ -27,6 +27,7 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig
 from lorasp_dist.ds_config import build_ds_config
+from lorasp_dist.eager import import_eager
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.profile import StepProfiler
 from lorasp_dist.engine.progress import TrainingProgress
@@ -301,6 +302,7 @@ class Recipe:
                 group_adapters(checkpointed)  # a layer fetched whole rebuilds its adapters in one pass
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
+            import_eager("deepspeed.runtime.zero.muon.muon_optimizer")  # ZeRO-3 imports it: ~1.3 s of CPU a rank
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 model_parameters=params,

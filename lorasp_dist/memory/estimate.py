@@ -73,32 +73,36 @@ PROCESS_BASE_BYTES = {"cpu": 411 * MiB, "cuda": 1441 * MiB}
 # bitsandbytes', NCCL's, with their host-side state) and DeepSpeed's engine bookkeeping. Fitted (in-sample): the
 # training phases' RSS peak minus the baseline on both ranks of the four 2x H200 zero3 records at d8b41d4, which hold
 # no host tensors (m65-live1e9, m65-live4e8, cap48GiB, cap80GiB: 989-1070 MiB, micro-batch 1 to 8), mean 1031 MiB,
-# less the 121 MiB of imports. Checked on records not fitted to in tests/test_memory_model.py: cap24GiB
-# (zero3_offload_all, 21.7 GiB of host tensors) and the 2-GPU llama-7b and llama-65b records of 2017c41/6ef7c07.
+# less the 121 MiB of imports then (torch._inductor's 44 MiB among them, which DeepSpeed's Muon optimizer brought in
+# before lorasp_dist/eager.py: the same records would read 44 MiB less now). Checked on records not fitted to in
+# tests/test_memory_model.py: cap24GiB (zero3_offload_all, 21.7 GiB of host tensors) and the 2-GPU llama-7b and
+# llama-65b records of 2017c41/6ef7c07.
 CUDA_RUNTIME_BYTES = 910 * MiB
 # CPU runs: what a rank's RSS gains after the baseline beyond the tensors this model counts. Measured on the same VM
 # (glibc malloc, OMP_NUM_THREADS=1 as torchrun sets it) with RSS and /proc/self/status read around each engine call
 # of examples/tiny.yaml runs; calibrated on seq 128 × micro-batch 2 and seq 512 × micro-batch 4 (zero3, 2 ranks,
-# 2 runs each) and checked on other configs in tests/test_memory_cpu_run.py.
+# 2 runs each) and checked on other configs in tests/test_memory_cpu_run.py. Refitted at the eager import of
+# DeepSpeed's Muon optimizer (lorasp_dist/eager.py), which no longer brings torch._inductor into a rank: the deltas
+# fell by 44 MiB at seq 128 × mb 2 and by 82 MiB at seq 512 × mb 4 (136.4 and 176.0 MiB, means of 2 runs × 2 ranks).
 # - Modules first imported by load_base, after the baseline: transformers' model classes (around
 #   AutoModelForCausalLM.from_config: +74 MiB, 1062 modules, mostly torch._dynamo and sympy) and, for a 4-bit base,
-#   bitsandbytes (around the first 4-bit layer: +47 MiB, 565 modules, torch._inductor and networkx). A fresh
-#   interpreter importing the same measures +81 and +48 MiB (some torch.distributed modules are in already). CUDA
-#   ranks import the same modules after the same baseline: counted on both devices.
-CPU_IMPORT_BYTES = {"transformers_models": 74 * MiB, "bitsandbytes": 47 * MiB}
+#   bitsandbytes, imported without its torch.compile decorators (+3 MiB). CUDA ranks import the same modules after
+#   the same baseline: counted on both devices.
+CPU_IMPORT_BYTES = {"transformers_models": 74 * MiB, "bitsandbytes": 3 * MiB}
 # - Engine and first-step overhead that does not scale with tokens: the model skeleton and ZeRO-3 hooks (~4 MiB in
 #   the load phase beyond the imports), LoRA-SP injection and deepspeed.initialize (~9 MiB in the init phase beyond
 #   the adapters' bytes), libtorch/oneDNN code paged in and autograd/DeepSpeed bookkeeping of the first steps
-#   (~40 MiB, a third of it file-backed pages). Set to the calibration runs' intercept: RSS delta minus the imports,
-#   this model's tensors and the loss retention below = 51.4 MiB (4 runs × 2 ranks: 181-188 and 248-264 MiB deltas).
+#   (~40 MiB, a third of it file-backed pages). The calibration runs' intercept (RSS delta minus the imports, this
+#   model's tensors and the heap retention below) stayed at 51 MiB in the refit: the 44 MiB fall was the imports'.
 CPU_RUNTIME_BYTES = 51 * MiB
-# - glibc keeps freed heap: after the first large free, its dynamic mmap threshold rises to that size, so the loss's
-#   short-lived fp32 buffers (logits.float(), log_softmax and their gradients, 4·vocab B per token each) come from
-#   the heap and stay resident after they are freed. Between the calibration runs the RSS delta grew by 3.35 B per
-#   byte of the `logits` term (mean deltas 185.0 -> 258.0 MiB, other terms subtracted): 2.35 B retained beyond the
-#   live byte. Checked: with MALLOC_MMAP_THRESHOLD_=131072 (no dynamic threshold) the seq 512 × mb 8 delta fell from
-#   352 to 223 MiB. Stored activations, allocated once per step, show no such excess (gradient checkpointing off).
-CPU_LOSS_RETENTION = 2.35
+# - glibc keeps freed heap: a step's short-lived buffers (the loss's fp32 logits.float(), log_softmax and their
+#   gradients, 4·vocab B per token each, and the stored activations) partly come from the heap, where they stay
+#   resident after they are freed. Fitted on the calibration runs (mean deltas 136.4 -> 176.0 MiB, other terms
+#   subtracted): 0.68 B retained per byte of the `logits` and `activations` terms. Checked without gradient
+#   checkpointing, where activations are most of the step (seq 512 × mb 4 and mb 6, 39 and 58 MiB stored): deltas
+#   238 and 290 MiB, predicted 236 and 288. (Before the refit, torch._inductor's large frees at import raised glibc's
+#   dynamic mmap threshold early, and the loss buffers alone kept 2.35 B per byte.)
+CPU_HEAP_RETENTION = 0.68
 
 # NF4 with double quantization (bitsandbytes.functional.quantize_4bit, compress_statistics=True): two weights per
 # byte, one absmax per 64 weights quantized to uint8, one fp32 absmax per 256 of those, and per matrix the NF4 code
@@ -659,8 +663,8 @@ def plan_memory(
         for k in GPU_COMPONENTS:
             host[k], gpu[k] = gpu[k], 0
         host["runtime_overhead"] = CPU_RUNTIME_BYTES
-        # The loss runs every step, whichever moment is the peak, and its retained heap stays.
-        host["allocator_retention"] = int(CPU_LOSS_RETENTION * act["logits"])
+        # Every step stores its activations and runs the loss, whichever moment is the peak: their retained heap stays.
+        host["allocator_retention"] = int(CPU_HEAP_RETENTION * (act["logits"] + act["stored"]))
     host["process_base"] = PROCESS_BASE_BYTES[device]
     host["library_imports"] = CPU_IMPORT_BYTES["transformers_models"] + CPU_IMPORT_BYTES["bitsandbytes"] * quantized
 

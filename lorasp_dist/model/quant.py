@@ -9,9 +9,10 @@ writes, so stock transformers loads our checkpoints and we load theirs.
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
+
+from lorasp_dist.eager import import_eager
 
 # On a CPU with AVX512-BF16, importing bitsandbytes tries to fetch an optional CPU kernel from the Hugging Face hub
 # (through the `kernels` package) and logs a warning on every rank when it cannot; we never use that kernel (see
@@ -24,22 +25,8 @@ QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", 
 
 
 def bitsandbytes():
-    """bitsandbytes, imported without its torch.compile decorators: they import torch._dynamo and torch._inductor,
-    ~2 s of CPU in every rank. bitsandbytes keeps the plain function where torch.compile raises (its
-    `_try_torch_compile`), so it raises during the import. Those are fallback kernels we never call (CUDA's and the
-    CPU library's run instead), and torch.compile is itself again afterwards."""
-    if "bitsandbytes" not in sys.modules:
-        compile_ = torch.compile
-
-        def refuse(*args, **kwargs):
-            raise RuntimeError("torch.compile is off while bitsandbytes is imported")
-
-        torch.compile = refuse
-        try:
-            import bitsandbytes  # noqa: F401
-        finally:
-            torch.compile = compile_
-    return sys.modules["bitsandbytes"]
+    """bitsandbytes, imported without its torch.compile decorators (lorasp_dist/eager.py): ~2 s of CPU in every rank."""
+    return import_eager("bitsandbytes")
 
 
 def quantization_config() -> dict:
