@@ -95,15 +95,15 @@ def flip_a_byte(path: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict]:
     """15 fp32 steps through `--address` to the second cluster, never interrupted, although two other runs try its
-    run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name. A third
-    cluster runs on the host meanwhile, as another SLURM job's on a shared node: the launch must find its own."""
+    run directory while it holds it: `lorasp launch --resume` of it and a `lorasp train` of the same name. (Clusters
+    that share a host and keep apart: the main job's local Ray beside the session's cluster, and the SLURM jobs'
+    three at once, tests/slurm_jobs.py.)"""
     head, env = ray_cluster
     out, logs = seed_tiny(tmp_path_factory.mktemp("reference")), tmp_path_factory.mktemp("reference-output")
     run = out / "whole"
     args = (f"train.output_dir={out}", "train.run_name=whole", *EXACT, "--address", head.address)
     t0 = time.time()
-    with RayEnv() as other_env, open(logs / "stdout", "w+") as stdout, open(logs / "stderr", "w+") as stderr:
-        other = RayHead(other_env, cpus=1)
+    with open(logs / "stdout", "w+") as stdout, open(logs / "stderr", "w+") as stderr:
         proc = subprocess.Popen(launch_cmd(*args), env=env, cwd=REPO, stdout=stdout, stderr=stderr, text=True)
         try:
             # the lock is taken before the workers start: the rivals come while this run loads and trains
@@ -118,7 +118,6 @@ def reference(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subproces
         finally:
             if proc.poll() is None:
                 proc.kill()
-            other.stop()
         stdout.seek(0), stderr.seek(0)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
     print(f"reference run took {time.time() - t0:.0f} s")
@@ -303,35 +302,14 @@ def test_a_second_run_in_a_run_directory_is_refused(reference):
 
 
 @pytest.mark.slow
-def test_resume_past_a_corrupt_newest_checkpoint(uninterrupted, ray_cluster, tiny_out):
-    """Corrupt the newest checkpoint of a finished run, resume it with keep_last 2: it continues from the older one,
-    moves the corrupt one to checkpoints/corrupt/ and ends with two checkpoints, the one it resumed from and the new
-    one. With every checkpoint corrupt, it stops with one line and changes nothing."""
+def test_resume_refuses_when_every_checkpoint_is_corrupt(uninterrupted, ray_cluster, tiny_out):
+    """With every checkpoint of a run corrupt, `--resume` (and its dry run) stops with one line and changes nothing.
+    (Past a corrupt newest one, it continues from the one before: the Ctrl-C run below ends that way.)"""
     head, env = ray_cluster
     run = tiny_out / "copy"
     shutil.copytree(uninterrupted, run)
-    flip_a_byte(ckpt.step_dir(run, 15) / "rank1.safetensors")
-    before = digest(ckpt.step_dir(run, 15))
-    proc = launch(env, *EXACT, "train.keep_last=2", "--address", head.address, "--resume", str(run))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert ("step-000015 is corrupt (rank1.safetensors fails its sha256 checksum): the run continues from "
-            "step-000010") in proc.stderr
-    assert checkpoint_names(run) == [ckpt.CORRUPT, "step-000010", "step-000015"]
-    assert digest(run / "checkpoints" / ckpt.CORRUPT / "step-000015") == before  # kept, as it was
-    gap = adapter_gap(run, uninterrupted)
-    # the records of the redone steps were rewritten, not added (metrics after a resume): count from the log
-    log = (run / "logs" / "rank0.log").read_text()
-    redone = 15 - int(re.search(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[1])
-    print(f"resumed past a corrupt step 15: {redone} steps redone, max |resumed - uninterrupted| {gap:.3g}")
-    assert redone == 5 and gap <= 1e-5
-    intact = all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (10, 15))
-    record("corrupt newest checkpoint", entry="lorasp launch --resume", exit_code=proc.returncode, steps_lost=redone,
-           data_lost=not intact or gap > 1e-5,
-           outcome="resumed from the previous checkpoint, the corrupt one moved to checkpoints/corrupt/, "
-                   "keep_last honoured")
-
-    flip_a_byte(ckpt.step_dir(run, 10) / "rank0.safetensors")
-    flip_a_byte(ckpt.step_dir(run, 15) / "lorasp.safetensors")
+    for step, file in ((5, "rank1.safetensors"), (10, "rank0.safetensors"), (15, "lorasp.safetensors")):
+        flip_a_byte(ckpt.step_dir(run, step) / file)
     before = digest(run)
     for dry in ((), ("--dry-run",)):
         proc = launch(env, *EXACT, "--address", head.address, "--resume", str(run), *dry, timeout=120)
@@ -389,9 +367,11 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
     1. Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank checkpoints,
        exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with token
        authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0.
-    2. Resumed, then Ctrl-C twice: no waiting for a checkpoint; exit 130, and the local Ray instance goes with it.
-    3. Resumed on the session's cluster: it continues from the newest checkpoint and ends with the adapter of a run
-       never interrupted."""
+    2. Resumed, then Ctrl-C twice once it has saved the next checkpoint: no waiting for another; exit 130, and the
+       local Ray instance goes with it.
+    3. Its newest checkpoint corrupted (a flipped byte), resumed with train.keep_last=2 on the session's cluster: it
+       continues from the checkpoint before, moves the corrupt one to checkpoints/corrupt/ and ends with two
+       checkpoints and the adapter of a run never interrupted."""
     head, cluster_env = ray_cluster
     env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     run = tiny_out / "interrupted"
@@ -428,7 +408,8 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
     proc = subprocess.Popen([*cmd, "--resume", str(run)], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for(lambda: max(steps_logged(run)) >= stopped_at + 2, f"step {stopped_at + 2}", proc)
+        following = (stopped_at // 5 + 1) * 5  # train.save_every=5: two checkpoints before the abort
+        wait_for((ckpt.step_dir(run, following) / "manifest.json").is_file, f"the step-{following} checkpoint", proc)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.2)
@@ -446,21 +427,33 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
     assert not alive, alive
     assert not (run / LOCK_FILE).exists()  # the launcher released its lock on the way out
     newest = newest_checkpoint_step(run)
-    assert stopped_at <= newest and aborted_at - newest <= 5  # at most one interval (train.save_every) to redo
-
-    again = launch(cluster_env, *EXACT, "--address", head.address, "--resume", str(run))
+    assert following <= newest and aborted_at - newest <= 5  # at most one interval (train.save_every) to redo
+    flip_a_byte(ckpt.step_dir(run, newest) / "rank1.safetensors")
+    before = digest(ckpt.step_dir(run, newest))
+    previous = newest_checkpoint_step(run)
+    assert stopped_at <= previous < newest
+    again = launch(cluster_env, *EXACT, "train.keep_last=2", "--address", head.address, "--resume", str(run))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert (f"step-{newest:06d} is corrupt (rank1.safetensors fails its sha256 checksum): the run continues from "
+            f"step-{previous:06d}") in again.stderr
+    assert checkpoint_names(run) == [ckpt.CORRUPT, "step-000010", "step-000015"]
+    assert digest(run / "checkpoints" / ckpt.CORRUPT / f"step-{newest:06d}") == before  # kept, as it was
     log = (run / "logs" / "rank0.log").read_text()
-    assert int(re.findall(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[-1]) == newest
+    assert int(re.findall(r"\[lorasp\] resumed from \S+ at step (\d+)", log)[-1]) == previous
     for rank in (0, 1):  # the records of the steps redone were dropped on resuming: every step once
         assert steps_logged(run, rank) == list(range(1, 16))
     gap = adapter_gap(run, uninterrupted)
-    print(f"stopped at step {stopped_at}, aborted at {aborted_at}, resumed from {newest}; "
+    print(f"stopped at step {stopped_at}, aborted at {aborted_at}; step {newest} corrupted, resumed from {previous}; "
           f"max |resumed - uninterrupted| over the adapter: {gap:.3g}")
     record("second Ctrl-C (abort)", entry="lorasp launch (local Ray)", exit_code=130,
            steps_lost=aborted_at - newest, data_lost=gap > 1e-5,
-           outcome=f"aborted at step {aborted_at} without a checkpoint; --resume continued from step {newest} "
-                   "and finished, its adapter matching an uninterrupted run")
+           outcome=f"aborted at step {aborted_at} without a checkpoint, the lock released; --resume finished the run, "
+                   "its adapter matching an uninterrupted run")
+    intact = all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (10, 15))
+    record("corrupt newest checkpoint", entry="lorasp launch --resume", exit_code=again.returncode,
+           steps_lost=newest - previous, data_lost=not intact or gap > 1e-5,
+           outcome="resumed from the previous checkpoint, the corrupt one moved to checkpoints/corrupt/, "
+                   "keep_last honoured; the adapter matches an uninterrupted run")
     assert gap <= 1e-5
 
 
