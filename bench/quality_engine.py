@@ -152,7 +152,7 @@ def seed_records(task_dir: Path, seed: int, dest: Path) -> Path:
 
     if dest.is_file():
         return dest
-    records = load_records(DataConfig(path=task_dir / "train.jsonl", mode="instruction")).to_dict()
+    records = load_records(DataConfig(path=task_dir / "train.jsonl", mode="instruction"))
     n = len(records["prompt"])
     lines = [""] * n
     for study, engine in zip(record_order(n, 0), record_order(n, seed)):

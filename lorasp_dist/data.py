@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 
-import datasets
 import sentencepiece as spm
 import torch
 import yaml
@@ -121,6 +120,8 @@ def _read_files(data: DataConfig, files: list[Path], fmt: str) -> dict[str, list
         raise DataError(f"data.path = {shown}: the dataset is empty")
     # Text: one record per paragraph (blank-line separated), so line-wrapped prose stays whole.
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    import datasets  # here, not at the top: a run on the built-in corpus never needs it (with pandas, pyarrow)
+
     try:
         ds = datasets.load_dataset(BUILDERS[fmt], data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as e:  # malformed input surfaces as many exception types
@@ -136,8 +137,8 @@ def _read_files(data: DataConfig, files: list[Path], fmt: str) -> dict[str, list
     return {name: table[getattr(data, field)] for name, field in fields.items()}
 
 
-def load_records(data: DataConfig) -> datasets.Dataset:
-    """The records of `data`: a `text` column (text mode) or `prompt` and `response` columns (instruction mode).
+def load_records(data: DataConfig) -> dict[str, list[str]]:
+    """The records of `data`, by column: `text` (text mode) or `prompt` and `response` (instruction mode).
 
     data.path None: the built-in corpus. Otherwise a .jsonl/.json/.parquet/.txt/.text file (data.format "auto" picks
     by extension) or a directory of such files. Records with a missing or blank field are dropped.
@@ -148,7 +149,7 @@ def load_records(data: DataConfig) -> datasets.Dataset:
     table = {name: [str(values[i]).strip("\n") for i in keep] for name, values in table.items()}
     if not keep:
         raise DataError(f"data.path = {str(data.path)!r}: the dataset is empty")
-    return datasets.Dataset.from_dict(table)
+    return table
 
 
 def _documents(records: dict[str, list], mode: str) -> list[str]:
@@ -236,7 +237,7 @@ def train_tokenizer(data: DataConfig, out_dir: str | Path, vocab_size: int) -> P
         raise DataError(f"data.vocab_size = {vocab_size}: must be > 0")
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"tokenizer output {str(out_dir)!r}: exists and is not a directory")
-    docs = _documents(load_records(data).to_dict(), data.mode)
+    docs = _documents(load_records(data), data.mode)
     # LLaMA-style: pieces never span a newline, which is encoded as the byte <0x0A>.
     lines = [line for doc in docs for line in doc.splitlines() if line.strip()]
     model = io.BytesIO()
@@ -372,7 +373,7 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedData
     tokenized and packed on its own.
     """
     data = cfg.data
-    records = load_records(data).to_dict()
+    records = load_records(data)
     n = len(next(iter(records.values())))
     order = record_order(n, data.seed)
     holds_out = data.val_fraction > 0 and cfg.train.eval_every > 0 and n >= 2

@@ -75,9 +75,10 @@ def test_builtin_corpus_both_modes():
     assert (builtin_corpus_dir() / "ai.yml").is_file()
     text = load_records(DataConfig(mode="text"))
     qa = load_records(DataConfig(mode="instruction"))
-    assert text.column_names == ["text"] and len(text) > 1000
-    assert qa.column_names == ["prompt", "response"] and len(qa) > len(text)  # long conversations give several pairs
-    assert "\n" in text[0]["text"] and all(qa[0].values())
+    assert list(text) == ["text"] and len(text["text"]) > 1000
+    # long conversations give several pairs
+    assert list(qa) == ["prompt", "response"] and len(qa["prompt"]) == len(qa["response"]) > len(text["text"])
+    assert "\n" in text["text"][0] and qa["prompt"][0] and qa["response"][0]
     assert "chatterbot_corpus" not in sys.modules  # read as data files, never imported
 
 
@@ -101,13 +102,13 @@ def test_local_formats(tmp_path, kind):
         if kind == "txt":
             path = path / "a.txt"
             rows = rows[:3]
-    assert load_records(DataConfig(path=path)).to_list() == rows
+    assert load_records(DataConfig(path=path)) == {"text": [r["text"] for r in rows]}
 
 
 def test_named_columns(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"q": r["prompt"], "a": r["response"], "id": 1} for r in QA])
     records = load_records(DataConfig(path=path, mode="instruction", prompt_column="q", response_column="a"))
-    assert records.to_list() == QA
+    assert records == {"prompt": [r["prompt"] for r in QA], "response": [r["response"] for r in QA]}
 
 
 # -------------------------------------------------------------------------------------------------------- tokenizer

@@ -573,11 +573,12 @@ def test_memory_plan_refuses_before_ray_starts(ray_env, tmp_path):
     """memory.gpu_mem and memory.host_mem need no cluster: a run they cannot hold (with headroom) ends in one line
     before Ray starts. The address answers nothing, so reaching it would be a different error."""
     address = ["--address", "127.0.0.1:1"]
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=2GiB", *address, timeout=120)
+    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=1.5GiB", *address, timeout=120)
     _assert_usage_error(proc, "the memory plan does not fit: needs")
-    assert "GiB headroom, has 2.0 GiB" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "GiB headroom, has 1.5 GiB" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir()) and not ray_pids(ray_env["RAY_TMPDIR"])
-    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=2GiB", "--force", *address, timeout=120)
+    proc = launch(ray_env, f"train.output_dir={tmp_path}", "memory.host_mem=1.5GiB", "--force", *address,
+                  timeout=120)
     _assert_usage_error(proc, "launcher.address = '127.0.0.1:1'")  # --force: on to the cluster
 
 

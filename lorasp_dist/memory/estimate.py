@@ -60,14 +60,19 @@ EXPANDABLE_ACTIVATION_SLACK = 0.12
 # two-GPU llama-7b records of 4aceb38 (+2.2%..+4.2%). A llama-65b step peaks in a layer, where this term is zero.
 LOSS_SLACK = 0.2
 # Host RSS of a rank at the tracker's baseline (after the imports, the process group, the tokenizer and the data;
-# before the model). CPU: the baseline lines of 16 runs of examples/tiny.yaml (2 ranks under torchrun, torch 2.13
-# CPU, 2-core x86-64 VM) read 405-416 MiB: torch 219 + deepspeed 22 + datasets/pandas/sentencepiece 116 MiB of
-# imports, the rest the gloo group, tokenizer and data. CUDA: the baseline lines of the 2x H200 `lorasp launch` ranks
-# at revision d8b41d4 (records m65-live1e9, m65-live4e8, cap24GiB, cap48GiB, cap80GiB: rank 0 1424-1425 MiB, rank 1
-# 1456-1457 MiB), mean 1441 MiB (in-sample). Checked on a record not fitted to: the 65B run of 6ef7c07 (call 2 of
-# gpu-20261130) read 1420 MiB. Ranks started by torchrun instead of a Ray worker read ~90 MiB less (gpu1-142129:
-# 1347-1351 MiB); on an H100, torch's CUDA build + CUDA init + cuBLAS + NCCL alone raised RSS to 1093 MiB.
-PROCESS_BASE_BYTES = {"cpu": 411 * MiB, "cuda": 1441 * MiB}
+# before the model). CPU: the baseline lines of 4 runs of examples/tiny.yaml on its built-in corpus (2 ranks under
+# torchrun, torch 2.13 CPU, 2-core x86-64 VM) read 315-317 MiB: torch 219 + deepspeed 22 MiB of imports and more,
+# the gloo group, tokenizer and data. A run that reads data files also imports `datasets` (with pandas and pyarrow)
+# before its baseline: 2 such runs read 405-417 MiB, DATA_FILES_IMPORT_BYTES more. CUDA: the baseline lines of the
+# 2x H200 `lorasp launch` ranks at revision d8b41d4 (records m65-live1e9, m65-live4e8, cap24GiB, cap48GiB, cap80GiB:
+# rank 0 1424-1425 MiB, rank 1 1456-1457 MiB), mean 1441 MiB (in-sample). Checked on a record not fitted to: the 65B
+# run of 6ef7c07 (call 2 of gpu-20261130) read 1420 MiB. Ranks started by torchrun instead of a Ray worker read ~90
+# MiB less (gpu1-142129: 1347-1351 MiB); on an H100, torch's CUDA build + CUDA init + cuBLAS + NCCL alone raised RSS
+# to 1093 MiB.
+PROCESS_BASE_BYTES = {"cpu": 316 * MiB, "cuda": 1441 * MiB}
+# CUDA: the records above were taken when every rank imported `datasets`, so their base holds it already (a Ray
+# worker also has pandas and pyarrow from ray.train): no term of its own until it is measured apart.
+DATA_FILES_IMPORT_BYTES = {"cpu": 94 * MiB, "cuda": 0}
 # CUDA runs: what a rank's RSS gains in its first training steps beyond its host tensors and the imports below: the
 # CUDA runtime's host pages (kernel images loaded on first launch, lazily: torch's, cuBLAS/cuBLASLt's,
 # bitsandbytes', NCCL's, with their host-side state) and DeepSpeed's engine bookkeeping. Fitted (in-sample): the
@@ -485,6 +490,7 @@ def plan_memory(
     partition_absmax: bool = True,
     keep_dequantized: bool = True,
     fused_kernels: bool = False,
+    data_files: bool = False,
 ) -> MemoryPlan:
     """Bytes per rank of one training step at its peak. `device="cpu"`: a CPU run, where everything is host memory.
 
@@ -492,7 +498,8 @@ def plan_memory(
     only names it. plan_for_config fills every argument from a run config. `partition_absmax=False` plans the code
     before the 4-bit absmax became a ZeRO-3 parameter (every rank held all of it), `keep_dequantized=False` the code
     before a checkpointed layer's recompute kept its dequantized weights: for records measured then.
-    `fused_kernels`: the decoder layers' RMSNorm and SwiGLU are model/fused.py's (train.fused_kernels on a GPU)."""
+    `fused_kernels`: the decoder layers' RMSNorm and SwiGLU are model/fused.py's (train.fused_kernels on a GPU).
+    `data_files`: the run reads its data from files (data.path), not the built-in corpus."""
     name, p = resolve_preset(preset)
     if vocab_size:
         p = Preset(**{**asdict(p), "vocab_size": vocab_size})
@@ -665,7 +672,7 @@ def plan_memory(
         host["runtime_overhead"] = CPU_RUNTIME_BYTES
         # Every step stores its activations and runs the loss, whichever moment is the peak: their retained heap stays.
         host["allocator_retention"] = int(CPU_HEAP_RETENTION * (act["logits"] + act["stored"]))
-    host["process_base"] = PROCESS_BASE_BYTES[device]
+    host["process_base"] = PROCESS_BASE_BYTES[device] + DATA_FILES_IMPORT_BYTES[device] * data_files
     host["library_imports"] = CPU_IMPORT_BYTES["transformers_models"] + CPU_IMPORT_BYTES["bitsandbytes"] * quantized
 
     ft_total, ft_breakdown = full_finetune_bytes(p, seq_len, micro_batch, tied_embeddings)
@@ -678,7 +685,7 @@ def plan_memory(
         settings=dict(ds=ds, r=r, ratio=ratio, targets=targets, resample_every=resample_every, precision=precision,
                       quantize=quantize, vocab_size=vocab_size, tied_embeddings=tied_embeddings,
                       expandable_segments=expandable_segments, partition_absmax=partition_absmax,
-                      keep_dequantized=keep_dequantized, fused_kernels=fused_kernels),
+                      keep_dequantized=keep_dequantized, fused_kernels=fused_kernels, data_files=data_files),
         shape=asdict(p),
         adapter=adapter,
         counts=dict(
@@ -729,7 +736,7 @@ def plan_for_config(cfg: RunConfig, world_size: int, device: str = "cuda", ds: d
         resident_layers=cfg.deepspeed.resident_layers, vocab_size=vocab,
         fused_kernels=t.fused_kernels and device == "cuda",
         precision=t.precision,
-        quantize=cfg.model.quantize, tied_embeddings=tied,
+        quantize=cfg.model.quantize, tied_embeddings=tied, data_files=cfg.data.path is not None,
         expandable_segments="expandable_segments:true" in cfg.rank_env().get(
             "PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")).lower().replace(" ", ""),
     )
