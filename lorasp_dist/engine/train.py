@@ -302,7 +302,7 @@ class Recipe:
                 group_adapters(checkpointed)  # a layer fetched whole rebuilds its adapters in one pass
             self.model = model
             params = [p for p in model.parameters() if p.requires_grad]
-            import_eager("deepspeed.runtime.zero.muon.muon_optimizer")  # ZeRO-3 imports it: ~1.3 s of CPU a rank
+            import_eager("deepspeed.runtime.zero.muon.muon_optimizer")  # ZeRO-3 imports it: ~1 s of CPU a rank
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model,
                 model_parameters=params,
