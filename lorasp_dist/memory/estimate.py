@@ -79,7 +79,8 @@ DATA_FILES_IMPORT_BYTES = {"cpu": 94 * MiB, "cuda": 0}
 # training phases' RSS peak minus the baseline on both ranks of the four 2x H200 zero3 records at d8b41d4, which hold
 # no host tensors (m65-live1e9, m65-live4e8, cap48GiB, cap80GiB: 989-1070 MiB, micro-batch 1 to 8), mean 1031 MiB,
 # less the 121 MiB of imports then (torch._inductor's 44 MiB among them, which DeepSpeed's Muon optimizer brought in
-# before lorasp_dist/eager.py: the same records would read 44 MiB less now). Checked on records not fitted to in
+# before lorasp_dist/eager.py; one-GPU llama-7b runs of the new code, bench/results/gpu-20261201-s21, spread
+# ±100 MiB around this plan, so the constant stays). Checked on records not fitted to in
 # tests/test_memory_model.py: cap24GiB (zero3_offload_all, 21.7 GiB of host tensors) and the 2-GPU llama-7b and
 # llama-65b records of 2017c41/6ef7c07.
 CUDA_RUNTIME_BYTES = 910 * MiB

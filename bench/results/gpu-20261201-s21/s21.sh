@@ -1,6 +1,7 @@
 # session 21 (1x H200, carry .whl-gpu .gpu/common.sh .gpu/s21.sh .gpu/old): a CUDA rank's host RSS after the eager
 # Muon import (no torch._inductor) and the lazy `datasets` import, against d394e46 (.gpu/old), alternating, llama-7b
-# zero3 micro-batch 1 seq 2048 under torchrun on one GPU; baseline and RSS delta vs the plan, from memory_report.json
+# zero3 micro-batch 1 seq 2048 under torchrun on one GPU; baseline and RSS delta vs the plan, from memory_report.json.
+# .gpu/common.sh was bench/results/gpu-20261201-s18/common.sh (the same lines but its first comment).
 export WHL=.whl-gpu; source .gpu/common.sh
 timeout 120 python3 -m lorasp_dist prepare-base --preset llama-7b --out /tmp/b7 > $OUT/logs/prep7.log 2>&1; echo "prep7 rc=$?"; el
 run() {  # $1 tree $2 name
