@@ -54,15 +54,10 @@ def metrics(run_dir: Path, rank: int = 0) -> dict[int, dict]:
     return out
 
 
-# The offload configs: one fetches per module and profiles two steps, the other checkpoints two of the four layers
-# (fetched whole, their adapters rebuilt together) and keeps two (fetched per module). Plain zero3 (whole-layer
-# fetches, the default) is the README's main job, whose launch (tests/test_launcher.py) checks the same. 12 steps:
-# the loss of the last 5 is below that of the first 5 by about 0.14 in these runs.
-STEPS = 12
-
-
 def check_trains_and_partitions(run: Path, name: str, steps: int, fetches_in_flight: int = 2) -> None:
-    """The loss goes down; each rank holds half of every ZeRO-3 partition; the adapter and memory report exist."""
+    """The loss goes down; each rank holds half of every ZeRO-3 partition; the adapter and memory report exist.
+    (Plain zero3, with whole-layer fetches, is the README's main job: tests/test_launcher.py; the offload configs'
+    runs also redraw masks: tests/test_resample_zero3.py.)"""
     losses = [metrics(run)[s]["loss"] for s in range(1, steps + 1)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print(f"{name}: loss {first:.4f} -> {last:.4f}")
@@ -75,20 +70,6 @@ def check_trains_and_partitions(run: Path, name: str, steps: int, fetches_in_fli
         assert part["fetches_in_flight"] == fetches_in_flight
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "memory_report.json").is_file()
-
-
-@pytest.mark.parametrize("ds_config, extra", [
-    ("zero3_offload_optimizer", ["deepspeed.fetch=module", "train.profile_steps=[3]"]),
-    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16", "train.checkpoint_layers=2"]),
-])
-def test_zero3_4bit_trains_and_partitions(tiny_out, ds_config, extra):
-    run = train(tiny_out, ds_config, f"deepspeed.config={ds_config}", f"train.max_steps={STEPS}", "train.save_every=0",
-                "train.eval_every=0", "train.gradient_checkpointing=true", *extra)
-    check_trains_and_partitions(run, ds_config, STEPS, 16 if "deepspeed.fetches_in_flight=16" in extra else 2)
-    if "train.profile_steps=[3]" in extra:
-        for rank in (0, 1):
-            table = (run / "profile" / f"rank{rank}_steps3-4.md").read_text()
-            assert "host self-CPU time" in table and "aten::" in table
 
 
 def digest(root: Path) -> dict[str, str]:

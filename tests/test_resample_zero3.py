@@ -2,6 +2,7 @@
 
 tests/zero3_probe.py runs the real recipe and records, around every redraw, what DeepSpeed holds on each rank: the
 gathered matrices, the optimizer's fp32 master and Adam moments, each rank's partitions and persistent full copies.
+The offload configs' runs are also the engine's test of them (tests/test_engine.py's checks): one run per config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 from ports import free_ports
 from safetensors.torch import load_file
-from test_engine import REPO, TINY, digest, metrics, refused_in_process, train
+from test_engine import REPO, TINY, check_trains_and_partitions, digest, metrics, refused_in_process, train
 
 from lorasp_dist.engine import checkpoint as ckpt
 
@@ -22,19 +23,18 @@ PROBE = REPO / "tests" / "zero3_probe.py"
 pytestmark = pytest.mark.slow
 
 EVERY, STEPS = 2, 6  # redraws before steps 3 and 5
-REDRAWS = (3, 5)
-COMMON = (f"lorasp.resample_every={EVERY}", f"train.max_steps={STEPS}", "train.eval_every=0", "train.warmup_steps=0",
-          "train.lr_schedule=constant", "train.lr=5e-3", "train.weight_decay=0.1")
+COMMON = ("train.eval_every=0", "train.warmup_steps=0", "train.lr_schedule=constant", "train.lr=5e-3",
+          "train.weight_decay=0.1")
+REDRAWN = (*COMMON, f"lorasp.resample_every={EVERY}", f"train.max_steps={STEPS}")
 
 
 def probed_run(out: Path, name: str, *overrides: str) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """Run the probe; rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
+    """Run the probe (COMMON, then `overrides`); rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_ports(1)[0]), str(PROBE), str(TINY), f"train.output_dir={out}",
            f"train.run_name={name}", *COMMON, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert sorted(metrics(out / name)) == list(range(1, STEPS + 1))
     ranks = {}
     for rank in (0, 1):
         tags: dict[str, dict[str, torch.Tensor]] = {}
@@ -75,15 +75,17 @@ def check_partitions(tag: dict[str, torch.Tensor], other: dict[str, torch.Tensor
     return whole
 
 
-def check_redraws(ranks: dict) -> dict[str, int]:
+def check_redraws(ranks: dict, every: int, steps: int) -> dict[str, int]:
+    """A redraw before every step after a multiple of `every`, up to `steps`."""
     tags = ranks[0]
+    redraws = range(every + 1, steps + 1, every)
     matrices = sorted({k.rsplit(".", 1)[0] for k in tags["start0"] if k.endswith(".dense")})
-    assert matrices and sorted(tags) == sorted(["start0", "end6", *(f"{w}{s}" for s in REDRAWS
-                                                                    for w in ("before", "after"))])
+    assert matrices and sorted(tags) == sorted(["start0", f"end{steps}", *(f"{w}{s}" for s in redraws
+                                                                            for w in ("before", "after"))])
     counts = {"matrices": len(matrices), "kept": 0, "new": 0, "whole_copies": 0, "frozen_b_nonzero": 0}
     for tag in tags:
         counts["whole_copies"] += check_partitions(ranks[0][tag], ranks[1][tag], matrices)
-    for step in REDRAWS:
+    for step in redraws:
         before, after = tags[f"before{step}"], tags[f"after{step}"]
         for m in matrices:
             old, new = before[f"{m}.mask"], after[f"{m}.mask"]
@@ -103,7 +105,7 @@ def check_redraws(ranks: dict) -> dict[str, int]:
             if m.endswith(".B"):  # B's frozen half is no longer all zero: it trained before this redraw froze it
                 counts["frozen_b_nonzero"] += int(torch.count_nonzero(after[f"{m}.dense"][~new]))
     # Frozen entries never move between redraws; trainable ones do.
-    spans = [("start0", "before3"), ("after3", "before5"), ("after5", "end6")]
+    spans = list(zip(["start0", *(f"after{s}" for s in redraws)], [*(f"before{s}" for s in redraws), f"end{steps}"]))
     for first, last in spans:
         for m in matrices:
             frozen = ~tags[first][f"{m}.mask"]
@@ -115,32 +117,67 @@ def check_redraws(ranks: dict) -> dict[str, int]:
     return counts
 
 
-# zero3: the adapters are below stage3_param_persistence_threshold, so every rank also keeps them whole. The offload
-# configs partition them all (threshold 0); ratio 0.3 gives some matrices an odd count, so a partition is padded.
+# zero3: the adapters are below stage3_param_persistence_threshold, so every rank also keeps them whole, except
+# between a checkpoint and the next forward (saving releases them): checkpointed after step 3 only, away from the
+# redraws, its run is also the uninterrupted one that a resume across a redraw must match.
+SAVE_EVERY = 3
+
+
+@pytest.fixture(scope="module")
+def zero3_redrawn(seed_tiny, tmp_path_factory) -> tuple[Path, dict]:
+    out = seed_tiny(tmp_path_factory.mktemp("redrawn"))
+    ranks = probed_run(out, "whole", *REDRAWN, f"train.save_every={SAVE_EVERY}")
+    return out / "whole", ranks
+
+
+def test_redraw_keeps_values_and_moves_optimizer_state(zero3_redrawn):
+    run, ranks = zero3_redrawn
+    assert sorted(metrics(run)) == list(range(1, STEPS + 1))
+    counts = check_redraws(ranks, EVERY, STEPS)
+    print(f"zero3: {counts}")
+    assert counts["whole_copies"] > 0
+
+
+# The offload configs partition the adapters too (threshold 0). Their runs are also the engine's test of each config
+# (tests/test_engine.py: the loss goes down, each rank holds half of every partition): one fetches per module, profiles
+# two steps and has ratio 0.3, which gives some matrices an odd count, so a partition is padded; the other checkpoints
+# two of the four layers (fetched whole, their adapters rebuilt together) and keeps two (fetched per module).
+# 12 steps, a redraw every 4: the loss of the last 5 is below that of the first 5.
+OFFLOAD_EVERY, OFFLOAD_STEPS = 4, 12
+
+
 @pytest.mark.parametrize("ds_config, extra", [
-    ("zero3", []),
-    ("zero3_offload_optimizer", ["lorasp.ratio=0.3", "deepspeed.fetch=module",
-                                 "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
-    ("zero3_offload_all", ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"]),
+    ("zero3_offload_optimizer", ["lorasp.ratio=0.3", "deepspeed.fetch=module", "train.profile_steps=[3]"]),
+    ("zero3_offload_all", ["deepspeed.fetch=layer", "deepspeed.fetches_in_flight=16", "train.checkpoint_layers=2"]),
 ])
-def test_redraw_keeps_values_and_moves_optimizer_state(tiny_out, ds_config, extra):
-    ranks = probed_run(tiny_out, ds_config, f"deepspeed.config={ds_config}", *extra)
-    counts = check_redraws(ranks)
+def test_offload_config_trains_partitions_and_redraws(tiny_out, ds_config, extra):
+    ranks = probed_run(tiny_out, ds_config, f"deepspeed.config={ds_config}", f"lorasp.resample_every={OFFLOAD_EVERY}",
+                       f"train.max_steps={OFFLOAD_STEPS}", "train.save_every=0", "train.gradient_checkpointing=true",
+                       "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0", *extra)
+    counts = check_redraws(ranks, OFFLOAD_EVERY, OFFLOAD_STEPS)
     print(f"{ds_config}: {counts}")
-    assert (counts["whole_copies"] > 0) == (ds_config == "zero3")
+    assert counts["whole_copies"] == 0
+    run = tiny_out / ds_config
+    check_trains_and_partitions(run, ds_config, OFFLOAD_STEPS, 16 if "deepspeed.fetches_in_flight=16" in extra else 2)
+    if "train.profile_steps=[3]" in extra:
+        for rank in (0, 1):
+            table = (run / "profile" / f"rank{rank}_steps3-4.md").read_text()
+            assert "host self-CPU time" in table and "aten::" in table
 
 
-def test_resume_across_a_redraw_matches_uninterrupted(tiny_out):
-    """Stopped after step 4 (masks of round 1, a redraw due before step 5) and continued to step 6: the same adapter,
-    bit for bit, as one run of 6 steps. The schedule is constant, so that max_steps changes no learning rate."""
-    whole = train(tiny_out, "whole", *COMMON, "train.save_every=2")
-    train(tiny_out, "resumed", *COMMON, "train.save_every=2", "train.max_steps=4")
-    resumed = train(tiny_out, "resumed", *COMMON, "train.save_every=2")
-    for step in (4, 6):
-        a = load_file(ckpt.step_dir(whole, step) / "lorasp.safetensors")
-        b = load_file(ckpt.step_dir(resumed, step) / "lorasp.safetensors")
-        assert a.keys() == b.keys() and any("frozen_values" in k for k in a)
-        assert all(torch.equal(a[k], b[k]) for k in a), step
+def test_resume_across_a_redraw_matches_uninterrupted(zero3_redrawn):
+    """Stopped after step 4 (masks of round 1, a redraw due before step 5; the last step is always saved) and
+    continued to step 6: the same checkpoint and adapter, bit for bit, as one run of 6 steps (the probed one: the
+    probe only reads). The schedule is constant, so that max_steps changes no learning rate."""
+    whole, _ = zero3_redrawn
+    out = whole.parent
+    train(out, "resumed", *REDRAWN, f"train.save_every={SAVE_EVERY}", "train.max_steps=4")
+    assert ckpt.newest_valid(out / "resumed").step == 4
+    resumed = train(out, "resumed", *REDRAWN, f"train.save_every={SAVE_EVERY}")
+    a = load_file(ckpt.step_dir(whole, STEPS) / "lorasp.safetensors")
+    b = load_file(ckpt.step_dir(resumed, STEPS) / "lorasp.safetensors")
+    assert a.keys() == b.keys() and any("frozen_values" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
     pa = load_file(whole / "adapter" / "adapter_model.safetensors")
     pb = load_file(resumed / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -150,7 +187,7 @@ def test_resume_across_a_redraw_matches_uninterrupted(tiny_out):
     # Continued with another lorasp.resample_every, the run would train on masks the checkpoint never held: refused
     # by preflight, before any rank starts (so lorasp train's entry point is called in this process).
     saved = digest(whole / "checkpoints")
-    proc = refused_in_process("train.run_name=whole", *COMMON, "lorasp.resample_every=3", cwd=tiny_out)
+    proc = refused_in_process("train.run_name=whole", *REDRAWN, "lorasp.resample_every=3", cwd=out)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: train.resume = '{ckpt.step_dir(whole, STEPS)}': its masks are of round 2 at step 6, where "
