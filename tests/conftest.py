@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from faults import write as write_fault_table
+from filelock import FileLock
+from ports import free_ports
 from ray_cluster import RayEnv, RayHead
 from slurm_cluster import SlurmCluster, missing_binaries
 from slurm_jobs import NODE_CPUS, submit_jobs
@@ -26,6 +28,10 @@ from lorasp_dist.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
+# fp32, so that a resumed run can be compared with an uninterrupted one; a checkpoint every 5 of 15 steps
+EXACT_STEPS, EXACT_EVERY = 15, 5
+EXACT = ("train.precision=fp32", f"train.max_steps={EXACT_STEPS}", f"train.save_every={EXACT_EVERY}",
+         "train.eval_every=0", "train.keep_last=5")
 # ChatML with the sentencepiece tokenizer's own control tokens, so the tiny base is instruction-formatted like SmolLM2.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -124,6 +130,26 @@ def chat_base(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     return root / "base"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(seed_tiny, tmp_path_factory, worker_id) -> Path:
+    """examples/tiny.yaml with EXACT's settings, never interrupted (`lorasp train`, 2 ranks under torchrun): the run
+    that the runs killed, stopped or resumed, under torchrun or `lorasp launch`, must match. Built once for the whole
+    run: the pytest-xdist worker that asks first builds it, under a lock in the directory the workers share."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if worker_id != "master" else base
+    out = shared / "uninterrupted"
+    with FileLock(str(shared / "uninterrupted.lock")):
+        if not (out / "whole" / "summary.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # half a run, from a worker that failed: built again
+            seed_tiny(out)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(TINY),
+                   f"train.output_dir={out}", "train.run_name=whole", *EXACT]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out / "whole"
 
 
 @pytest.fixture

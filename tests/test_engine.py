@@ -20,6 +20,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+from conftest import EXACT, EXACT_EVERY, EXACT_STEPS
 from faults import record
 from ports import free_ports
 from safetensors.torch import load_file
@@ -104,38 +105,37 @@ def _running(pid: int) -> bool:
         return False
 
 
-# The resume runs: LAST steps in fp32, a checkpoint every MID
-LAST, MID = 12, 6
+# The runs to resume are conftest's EXACT ones: LAST steps in fp32, a checkpoint every EVERY; PREVIOUS is the
+# checkpoint before the last.
+LAST, EVERY = EXACT_STEPS, EXACT_EVERY
+PREVIOUS = LAST - EVERY
 
 
 @pytest.fixture(scope="module")
-def resume_runs(seed_tiny, tmp_path_factory):
-    """An uninterrupted 12-step run, and the same run killed after its step-6 checkpoint and resumed. The killed
-    run's lock is left behind: a restart is first refused with a message that says so, then the lock is removed."""
+def resume_runs(uninterrupted, seed_tiny, tmp_path_factory):
+    """The uninterrupted run (conftest.py), and the same run killed after its first checkpoint and resumed. The
+    killed run's lock is left behind: a restart is first refused with a message that says so, then the lock is
+    removed."""
     out = seed_tiny(tmp_path_factory.mktemp("resume"))
-    common = ("train.precision=fp32", f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0",
-              "train.keep_last=5")
-    whole = train(out, "whole", *common)
-
-    cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=killed", *common)
+    cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=killed", *EXACT)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sealed = ckpt.step_dir(out / "killed", MID) / ckpt.MANIFEST
+    sealed = ckpt.step_dir(out / "killed", EVERY) / ckpt.MANIFEST
     logged = out / "killed" / "metrics" / "rank0.jsonl"
 
     def past_the_checkpoint() -> bool:  # a step past it logged: the resumed run has records to drop
-        return sealed.exists() and logged.read_text().count("\n") >= MID + 1
+        return sealed.exists() and logged.read_text().count("\n") >= EVERY + 1
 
     deadline = time.time() + 600
     while not past_the_checkpoint() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     kill_with_ranks(proc)
-    assert sealed.exists(), f"the run never wrote its step-{MID} checkpoint"
+    assert sealed.exists(), f"the run never wrote its step-{EVERY} checkpoint"
     killed_at = max(metrics(out / "killed"))
-    assert killed_at > MID
-    refused = _train_single("train.run_name=killed", *common, cwd=out)  # a process: by its start the ranks are reaped
+    assert killed_at > EVERY
+    refused = _train_single("train.run_name=killed", *EXACT, cwd=out)  # a process: by its start the ranks are reaped
     (out / "killed" / LOCK_FILE).unlink()
-    resumed = train(out, "killed", *common)
-    return whole, resumed, killed_at, refused
+    resumed = train(out, "killed", *EXACT)
+    return uninterrupted, resumed, killed_at, refused
 
 
 def test_a_killed_run_leaves_a_stale_lock_that_is_named(resume_runs):
@@ -150,7 +150,7 @@ def test_a_killed_run_leaves_a_stale_lock_that_is_named(resume_runs):
 
 def test_kill_and_resume_matches_uninterrupted(resume_runs):
     whole, resumed, killed_at, _ = resume_runs
-    print(f"killed after step {killed_at}; resumed from step {MID}")
+    print(f"killed after step {killed_at}; resumed from a step no earlier than {EVERY}")
     a = load_file(ckpt.step_dir(whole, LAST) / "lorasp.safetensors")
     b = load_file(ckpt.step_dir(resumed, LAST) / "lorasp.safetensors")
     assert a.keys() == b.keys()
@@ -191,7 +191,7 @@ def test_corrupted_checkpoint_is_never_loaded(resume_runs, tmp_path, kind):
     ok, why = ckpt.verify(newest)
     assert not ok, why
     found = ckpt.newest_valid(run)
-    assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, MID), MID, [(newest, why)])
+    assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, PREVIOUS), PREVIOUS, [(newest, why)])
 
 
 def _truncate_manifest(step_dir: Path) -> None:
@@ -210,22 +210,21 @@ def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     broken = ckpt.step_dir(run, LAST)
     _truncate_manifest(broken)
     before = digest(broken)
-    orphan = ckpt.tmp_dir(run, MID + 3)
+    orphan = ckpt.tmp_dir(run, PREVIOUS + 3)
     orphan.mkdir()
     (orphan / "rank0.safetensors").write_bytes(b"half a save")
-    cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=run", "train.precision=fp32",
-                   f"train.max_steps={LAST}", f"train.save_every={MID}", "train.eval_every=0", "train.keep_last=2",
+    cmd = torchrun(str(TINY), f"train.output_dir={tiny_out}", "train.run_name=run", *EXACT, "train.keep_last=2",
                    "deepspeed.resident_layers=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     set_aside = run / "checkpoints" / ckpt.CORRUPT / broken.name
     assert f"{broken.name} is corrupt (unreadable manifest (" in proc.stdout and f"moved to {set_aside}" in proc.stdout
-    assert f"resumed from {ckpt.step_dir(run, MID)} at step {MID}" in proc.stdout
+    assert f"resumed from {ckpt.step_dir(run, PREVIOUS)} at step {PREVIOUS}" in proc.stdout
     assert digest(set_aside) == before  # kept as it was, for a post-mortem
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt.CORRUPT, ckpt.step_dir(run, MID).name,
-                                                                        broken.name]
-    assert all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (MID, LAST))
-    # the rerun from the step-6 checkpoint rewrote the last, bit for bit the same as the uninterrupted run
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        ckpt.CORRUPT, ckpt.step_dir(run, PREVIOUS).name, broken.name]  # keep_last=2
+    assert all(ckpt.verify(ckpt.step_dir(run, s))[0] for s in (PREVIOUS, LAST))
+    # the rerun from the checkpoint before rewrote the last, bit for bit the same as the uninterrupted run
     a = load_file(ckpt.step_dir(whole, LAST) / "lorasp.safetensors")
     b = load_file(ckpt.step_dir(run, LAST) / "lorasp.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -239,8 +238,8 @@ def test_resume_past_a_broken_manifest(resume_runs, tiny_out):
     # the run had finished; the metrics hold each step once after a resume, so count from the resume line
     redone = LAST - int(re.search(r"resumed from \S+ at step (\d+)", proc.stdout)[1])
     record("broken manifest", entry="lorasp train (torchrun, 2 ranks)", exit_code=proc.returncode,
-           steps_lost=redone, data_lost=not ckpt.verify(ckpt.step_dir(run, MID))[0] or not set_aside.is_dir(),
-           outcome=f"newest manifest truncated: resumed from the step-{MID} checkpoint, the broken one moved to "
+           steps_lost=redone, data_lost=not ckpt.verify(ckpt.step_dir(run, PREVIOUS))[0] or not set_aside.is_dir(),
+           outcome=f"newest manifest truncated: resumed from the step-{PREVIOUS} checkpoint, the broken one moved to "
                    f"checkpoints/corrupt/, {redone} steps redone, keep_last honoured")
 
 
@@ -250,7 +249,8 @@ def test_all_checkpoints_corrupt_stops_unless_told_to_start_over(resume_runs, tm
     shutil.copytree(whole, run)
     shutil.copytree(whole.parent / ".cache", tmp_path / ".cache")  # the tokenizer and base, not built again
     reached = max(metrics(run))
-    _corrupt("flip", ckpt.step_dir(run, MID))
+    for step in range(EVERY, LAST, EVERY):
+        _corrupt("flip", ckpt.step_dir(run, step))
     _truncate_manifest(ckpt.step_dir(run, LAST))
     before = digest(run / "checkpoints")
     proc = refused_in_process("train.run_name=run", "train.max_steps=2", cwd=tmp_path)
@@ -258,14 +258,16 @@ def test_all_checkpoints_corrupt_stops_unless_told_to_start_over(resume_runs, tm
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert err[-1].startswith(f"error: train.resume = 'auto': every checkpoint in {run / 'checkpoints'} is corrupt (")
     assert f"{ckpt.step_dir(run, LAST).name}: unreadable manifest" in err[-1]
-    assert f"{ckpt.step_dir(run, MID).name}: rank1.safetensors fails its sha256 checksum" in err[-1]
+    for step in range(EVERY, LAST, EVERY):
+        assert f"{ckpt.step_dir(run, step).name}: rank1.safetensors fails its sha256 checksum" in err[-1]
     assert "set train.restart_if_corrupt=true" in err[-1] and "Traceback" not in proc.stderr
     assert digest(run / "checkpoints") == before  # nothing moved, nothing deleted
 
     again = _train_single("train.run_name=run", "train.max_steps=2", "train.restart_if_corrupt=true", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     aside = run / "checkpoints" / ckpt.CORRUPT
-    assert sorted(p.name for p in aside.iterdir()) == [ckpt.step_dir(run, s).name for s in (MID, LAST)]
+    every_one = [ckpt.step_dir(run, s).name for s in range(EVERY, LAST + 1, EVERY)]
+    assert sorted(p.name for p in aside.iterdir()) == every_one
     kept = digest(aside) == {k.removeprefix(f"{ckpt.CORRUPT}/"): v for k, v in before.items()}
     assert kept  # moved aside byte for byte
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002"]
