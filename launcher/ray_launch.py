@@ -39,7 +39,6 @@ from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig, validate
 from lorasp_dist.engine import checkpoint as ckpt
 from lorasp_dist.engine.run_dir import RunLock, is_run, unique_run_name
-from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE
 from lorasp_dist.memory.plan import format_plan_table, launch_plan, shortfall
 
 EXIT_OK = 0  # finished: the adapter and the memory report are in the run directory
@@ -206,7 +205,7 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
     from launcher.cluster import worker_resources
     from launcher.logs import TeeOutput
     from launcher.worker import train_worker
-    from lorasp_dist.engine.train import STOP_FILE
+    from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NONFINITE_FILE, STOP_FILE
 
     cfg, lc, run_dir = plan.cfg, plan.cfg.launcher, plan.run_dir
     # Ray Train would turn each print on a worker into a log record that reaches the console twice; the rank logs

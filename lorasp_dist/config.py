@@ -6,6 +6,7 @@ thing is validated. Every error is a `ConfigError` whose message names the field
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -64,6 +65,13 @@ class LoRASPConfig(_Section):
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+def trainable_count(numel: int, ratio: float) -> int:
+    """How many of a matrix's `numel` entries train at `lorasp.ratio` (here, not beside the masks: the memory plan
+    counts them without loading torch). Python's round() rounds half to even; the method wants the plain nearest
+    integer, so n=3, ratio=.5 -> 2."""
+    return min(numel, int(math.floor(ratio * numel + 0.5)))
 
 
 class ModelConfig(_Section):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorasp_dist.config import LLAMA_PROJECTIONS, ConfigError, LoRASPConfig
+from lorasp_dist.config import LLAMA_PROJECTIONS, ConfigError, LoRASPConfig, trainable_count
 from lorasp_dist.lorasp import (
     apply_lorasp,
     count_parameters,
@@ -19,7 +19,7 @@ from lorasp_dist.lorasp import (
     lorasp_state_dict,
     resample_masks,
 )
-from lorasp_dist.lorasp.masks import draw_mask, mask_generator, trainable_count
+from lorasp_dist.lorasp.masks import draw_mask, mask_generator
 from lorasp_dist.presets import PRESETS
 
 

@@ -20,11 +20,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch loads where tensors are saved: `lorasp launch` checks checkpoints before it needs torch
+    import torch
 
 from lorasp_dist.config import ConfigError
 
@@ -45,6 +46,8 @@ def tmp_dir(run_dir: Path, step: int) -> Path:
 
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace every tensor in a nested dict/list by a reference, collecting the tensors."""
+    import torch
+
     if torch.is_tensor(obj):
         key = prefix or "_"
         tensors[key] = obj.detach().cpu().contiguous()
@@ -81,6 +84,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def save_state_file(path: Path, state: dict) -> None:
+    from safetensors.torch import save_file
+
     tensors: dict[str, torch.Tensor] = {}
     skel = flatten_state(state, "", tensors)
     try:

@@ -4,10 +4,11 @@ mask is one bit per entry (`pack_mask`), 1/32 of an int32 map."""
 
 from __future__ import annotations
 
-import math
 import zlib
 
 import torch
+
+from lorasp_dist.config import trainable_count
 
 
 def mask_generator(seed: int, layer: str, which: str, round_: int = 0) -> torch.Generator:
@@ -21,11 +22,6 @@ def mask_round(step: int, every: int) -> int:
     steps (0: never). Redraws happen between steps, so a checkpoint written after step s holds round
     mask_round(s, every), and the redraw before step s + 1 is due when mask_round(s + 1, every) is greater."""
     return (step - 1) // every if every and step > 0 else 0
-
-
-def trainable_count(numel: int, ratio: float) -> int:
-    # Python's round() rounds half to even; the method wants the plain nearest integer, so n=3, ratio=.5 -> 2.
-    return min(numel, int(math.floor(ratio * numel + 0.5)))
 
 
 def draw_mask(shape: tuple[int, int], ratio: float, strategy: str, gen: torch.Generator) -> torch.Tensor:

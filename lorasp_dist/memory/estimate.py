@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorasp_dist.config import LLAMA_PROJECTIONS, ConfigError, RunConfig
+from lorasp_dist.config import LLAMA_PROJECTIONS, ConfigError, RunConfig, trainable_count
 from lorasp_dist.ds_config import build_ds_config, offloaded
-from lorasp_dist.lorasp.masks import trainable_count
 from lorasp_dist.presets import PRESETS, Preset
 from lorasp_dist.sizes import GiB, MiB
 
