@@ -23,9 +23,9 @@ from faults import record
 from slurm_jobs import HALF_CPU, JOB_TIMEOUT_S, PREEMPT_STEPS, SAVE_EVERY, lorasp, steps_logged, submitted
 from test_nonfinite import check_nothing_saved_from_bad_steps
 
-from launcher.ray_launch import EXIT_STOPPED
 from lorasp_dist.cli import main
 from lorasp_dist.engine import checkpoint as ckpt
+from lorasp_dist.engine.train import EXIT_STOPPED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
