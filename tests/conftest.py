@@ -132,6 +132,12 @@ def chat_base(tmp_path_factory) -> Path:
     return root / "base"
 
 
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """`lorasp train ARGS` as `nproc` ranks under torchrun, on a free loopback port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", *args]
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(seed_tiny, tmp_path_factory, worker_id) -> Path:
     """examples/tiny.yaml with EXACT's settings, never interrupted (`lorasp train`, 2 ranks under torchrun): the run
@@ -144,9 +150,7 @@ def uninterrupted(seed_tiny, tmp_path_factory, worker_id) -> Path:
         if not (out / "whole" / "summary.json").is_file():
             shutil.rmtree(out, ignore_errors=True)  # half a run, from a worker that failed: built again
             seed_tiny(out)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(TINY),
-                   f"train.output_dir={out}", "train.run_name=whole", *EXACT]
+            cmd = torchrun(str(TINY), f"train.output_dir={out}", "train.run_name=whole", *EXACT)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out / "whole"

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from ports import free_ports
+from conftest import torchrun
 from transformers import AutoTokenizer, LlamaForCausalLM, LlamaTokenizer
 
 from lorasp_dist import cli
@@ -393,9 +393,7 @@ def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir, seed_tiny):
     overrides = [f"data.path={path}", f"data.tokenizer={tok_dir}", "data.seq_len=40", "train.precision=fp32",
                  "train.max_steps=1", "train.micro_batch_size=1", "train.grad_accum=2", "train.eval_every=0",
                  "train.save_every=0", f"train.output_dir={seed_tiny(tmp_path / 'runs')}", "train.run_name=r"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(REPO / "examples" / "tiny.yaml"),
-           *overrides]
+    cmd = torchrun(str(REPO / "examples" / "tiny.yaml"), *overrides)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

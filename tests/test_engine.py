@@ -20,9 +20,8 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from conftest import EXACT, EXACT_EVERY, EXACT_STEPS
+from conftest import EXACT, EXACT_EVERY, EXACT_STEPS, torchrun
 from faults import record
-from ports import free_ports
 from safetensors.torch import load_file
 
 from lorasp_dist.cli import main
@@ -32,11 +31,6 @@ from lorasp_dist.engine.run_dir import LOCK_FILE
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
 pytestmark = pytest.mark.slow
-
-
-def torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", *args]
 
 
 def train(out: Path, name: str, *overrides: str, timeout: float = 600) -> Path:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from ports import free_ports
+from conftest import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
@@ -38,10 +37,8 @@ def out_dir(seed_tiny, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cpu_run_report_matches_plan(out_dir, name):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_ports(1)[0]), "-m", "lorasp_dist", "train", str(TINY),
-           f"train.output_dir={out_dir}", f"train.run_name={name}", "train.max_steps=5", "train.save_every=0",
-           "train.eval_every=0", *CONFIGS[name]]
+    cmd = torchrun(str(TINY), f"train.output_dir={out_dir}", f"train.run_name={name}", "train.max_steps=5",
+                   "train.save_every=0", "train.eval_every=0", *CONFIGS[name])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
