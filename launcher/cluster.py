@@ -52,6 +52,9 @@ def connect(cfg: RunConfig) -> None:
     if lc.address is None:
         if not lc.memory_monitor:
             os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # read by the raylet we are about to start
+        # The raylet starts a worker per CPU for the first driver, in the job's runtime_env. Every process of a launch
+        # is an actor of Ray Train's, in a runtime_env of its own, so those would import Ray and never run anything.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         # Ray's state API, which Ray Train's PlacementGroupCleaner polls from inside the instance, finds its cluster
         # by RAY_ADDRESS, else by looking for GCS processes on the host: with a second Ray instance there (a user's
         # own `ray start`) it finds two and fails. So the GCS gets a port chosen here, and the job's processes its
