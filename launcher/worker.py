@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ WorkerArgs = dict[str, Any]  # {"config": RunConfig as JSON data, secrets redact
 
 
 def train_worker(args: WorkerArgs) -> None:
+    gc.disable()  # for the imports: Recipe.setup turns it back on (lorasp_dist/engine/train.py)
     import ray.train
 
     from launcher.logs import TeeOutput

@@ -9,6 +9,7 @@ launcher. Any bad input ends as one line on stderr and exit code 2; a training r
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import signal
@@ -54,6 +55,7 @@ def cmd_print_config(args) -> int:
 
 
 def cmd_train(args) -> int:
+    gc.disable()  # for the imports: Recipe.setup turns it back on (lorasp_dist/engine/train.py)
     from lorasp_dist.engine.checkpoint import CheckpointWriteError
     from lorasp_dist.engine.train import EXIT_NONFINITE, EXIT_STOPPED, NonFiniteLoss, StopRequest, train
 

@@ -251,6 +251,10 @@ class Recipe:
         from lorasp_dist.lorasp import apply_lorasp, group_adapters, lorasp_layers
         from lorasp_dist.model.load import decoder_layers, enable_checkpointing, ensure_base, load_base
 
+        # The rank's entry point (lorasp_dist/cli.py, launcher/worker.py) turned the cyclic collector off for the
+        # imports: torch, transformers and DeepSpeed make over 600,000 objects, none of them garbage, which it
+        # would scan again and again (~0.5-1 s of CPU a rank). On before the model is built: its garbage counts.
+        gc.enable()
         cfg = self.cfg
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
