@@ -611,16 +611,19 @@ def test_two_nodes_refuse_unshared_storage(ray_env, tmp_path):
     """A real 2-node cluster on loopback whose second node has its own (empty) view of the storage path."""
     storage = Path(ray_env["RAY_TMPDIR"]) / "store"
     storage.mkdir()
-    head, node = RayHead(ray_env, cpus=1), None
+    head, node, log = RayHead(ray_env, cpus=1), None, storage.parent / "node2.log"
     try:
         (agent,) = free_ports(1)
-        node = subprocess.Popen(
-            ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {storage} && exec {RAY} start --block "
-             f"--address {head.address} --node-ip-address 127.0.0.2 --num-cpus 1 --temp-dir {storage.parent}/node2 "
-             f"--dashboard-agent-listen-port {agent} --disable-usage-stats --object-store-memory {256 * 2**20}"],
-            env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: _active_nodes(head.address, ray_env) == 2, "the second node to join", node, timeout=120)
+        with log.open("w") as out:
+            node = subprocess.Popen(
+                ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {storage} && exec {RAY} start --block "
+                 f"--address {head.address} --node-ip-address 127.0.0.2 --num-cpus 1 --temp-dir "
+                 f"{storage.parent}/node2 --dashboard-agent-listen-port {agent} --disable-usage-stats "
+                 f"--object-store-memory {256 * 2**20}"],
+                env=ray_env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        # printed once the node's raylet is registered with the head: the cluster has its two nodes
+        wait_for(lambda: "Ray runtime started" in log.read_text(), "the second node to join", node, timeout=120)
         proc = launch(ray_env, f"launcher.storage_path={storage}", "--address", head.address, timeout=120)
         _assert_usage_error(proc, f"launcher.storage_path = '{storage}': not shared by the 2 nodes")
         assert "127.0.0.2" in proc.stderr
@@ -630,8 +633,3 @@ def test_two_nodes_refuse_unshared_storage(ray_env, tmp_path):
             stop_pids([node.pid])
             node.wait(timeout=10)
         head.stop()
-
-
-def _active_nodes(address: str, env: dict) -> int:
-    out = subprocess.run([RAY, "status", "--address", address], env=env, capture_output=True, text=True).stdout
-    return out.split("Pending:")[0].count(" node_")  # "Active:" lists one "1 node_<id>" line per node
