@@ -1,9 +1,9 @@
 """The SLURM jobs that tests/test_slurm.py reads, and what submits and signals them.
 
-Three jobs are queued together and share the node at once (1 CPU each, 2 workers of half a CPU, on a node that offers
-SLURM more CPUs than the host has), so their Ray clusters must keep apart: per-job temp dirs and ports. One gets USR1
-mid-run, checkpoints, requeues itself, resumes in the same run directory and runs to the end; one is cancelled mid-run;
-one's loss goes NaN.
+Three jobs are queued together, start 20 s apart and share the node (1 CPU each, 2 workers of half a CPU, on a
+node that offers SLURM more CPUs than the host has), so their Ray clusters must keep apart: per-job temp dirs and
+ports. One gets USR1 mid-run, checkpoints, requeues itself, resumes in the same run directory and runs to the end;
+one is cancelled mid-run; one's loss goes NaN.
 
 They take minutes: conftest.py submits them when the session's first slow test on Ray starts, so that they run beside
 the Ray launches, which leave part of the 2 CPUs idle; their tests, which run last, mostly find them done.
@@ -30,6 +30,7 @@ NODE_CPUS = 4
 PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
 PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
 JOB_TIMEOUT_S = 420
+STAGGER_S = 20  # between the jobs' starts (SchedulerParameters=sched_interval=2: a job starts on time)
 SIGNAL_WITHIN_S = 1200  # from the jobs' submission: they run beside the other slow tests
 
 
@@ -56,9 +57,12 @@ def submit_jobs(cluster: SlurmCluster, out_dir) -> tuple[dict, dict]:
         return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={out_dir(name)}", *HALF_CPU,
                                 *overrides, env=cluster.env))
 
-    # the preempted job first: it runs twice, the longest of them, and then to the end (test_job_runs_to_completion)
-    queued = {"preempted": submit("preempted", *PREEMPT), "cancelled": submit("cancelled", *PREEMPT),
-              "nan": submit("nan", *EXPLODE)}
+    # the preempted job first: it runs twice, the longest of them, and then to the end (test_job_runs_to_completion).
+    # The others start STAGGER_S apart: each starts its own Ray head, and three at once, beside the session's first
+    # launches, took up to 42 s to come up on 2 cores, where Ray gives a starting node 30 s to register.
+    queued = {"preempted": submit("preempted", *PREEMPT),
+              "cancelled": submit("cancelled", *PREEMPT, f"--sbatch=--begin=now+{STAGGER_S}"),
+              "nan": submit("nan", *EXPLODE, f"--sbatch=--begin=now+{2 * STAGGER_S}")}
     signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
                "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
     return queued, signals
