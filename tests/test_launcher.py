@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -92,32 +93,63 @@ def flip_a_byte(path: Path) -> None:
 
 # --- the main job ------------------------------------------------------------------------------------------------
 
+class LocalRay(NamedTuple):
+    """What a launch's own Ray instance showed while it trained: the TCP sockets of the launcher and of every process
+    it started, the ports of torch's rendezvous store in rank 0, and the GCS's environment."""
+    sockets: list[tuple[str, int, str]]
+    store: set[int]
+    gcs_env: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def main_job(ray_cluster, seed_tiny, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path, list[Path]]:
+def main_job(ray_cluster, seed_tiny, tmp_path_factory):
     """The README's main job, run once for the tests that read it: examples/tiny.yaml (20 steps, LoRA-SP, ZeRO-3, 2 CPU
     workers) on a new local Ray, while another Ray instance runs on the host (the session's cluster, as a user's own
     `ray start` would be): the launch must keep to its own. Its ranks are also handed a secret-looking `env` value,
     and a probe on their PYTHONPATH (tests/test_secrets.py) reports what they saw. Returns the output dir, the
-    launch, the probe's reports and the files of Ray's session (logs and state) that hold the secret, read before the
-    session is removed."""
+    launch, the probe's reports, the files of Ray's session (logs and state) that hold the secret, read before the
+    session is removed, and the local instance as seen at step 3 (LocalRay)."""
     out, probe, seen = (tmp_path_factory.mktemp(name) for name in ("main", "probe", "seen"))
     seed_tiny(out)
     (probe / "sitecustomize.py").write_text(PROBE)
+    run = out / "tiny"
     with RayEnv() as env:
         env = {**env, "PYTHONPATH": str(probe), "LORASP_PROBE_OUT": str(seen)}
-        proc = launch(env, f"train.output_dir={out}", "train.run_name=tiny", f"env.LORASP_PROBE_TOKEN={SECRET}")
+        t0 = time.time()
+        proc = subprocess.Popen(launch_cmd(f"train.output_dir={out}", "train.run_name=tiny",
+                                           f"env.LORASP_PROBE_TOKEN={SECRET}"),
+                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3",
+                     proc)
+            ray_procs = psutil.Process(proc.pid).children(recursive=True)
+            local = LocalRay(listening([psutil.Process(proc.pid), *ray_procs]),
+                             torch_store_ports(int((run / "pids" / "rank0").read_text())),
+                             next(p for p in ray_procs if p.name() == "gcs_server").environ())
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        done.elapsed = time.time() - t0
         ray_files = holders(Path(env["RAY_TMPDIR"]), SECRET)
-    return out, proc, seen, ray_files
+    return out, done, seen, ray_files, local
 
 
 @pytest.mark.slow
 def test_launch_tiny_on_local_ray(main_job):
     """The README's main job: examples/tiny.yaml (20 steps, LoRA-SP, ZeRO-3, 2 CPU workers) on a new local Ray."""
-    tiny_out, proc, _, _ = main_job
+    tiny_out, proc, _, _, local = main_job
     print(f"launch took {proc.elapsed:.0f} s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = tiny_out / "tiny"
     assert "Started a local Ray instance" in proc.stdout + proc.stderr
+    # The local Ray instance listens on 127.0.0.1 only, with token authentication set by the launcher itself; the one
+    # exception is torch's rendezvous store on rank 0.
+    print(f"listening: {sorted(set(local.sockets))}")
+    wide = [(ip, port, name) for ip, port, name in local.sockets if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert local.sockets and len(local.store) <= 1 and all(port in local.store for _, port, _ in wide), wide
+    assert local.gcs_env.get("RAY_AUTH_MODE") == "token" and len(local.gcs_env.get("RAY_AUTH_TOKEN", "")) >= 32
     assert f"[lorasp] adapter: {run / 'adapter'}" in proc.stdout
     assert f"[lorasp] memory report: {run / 'memory_report.md'}" in proc.stdout
     assert (run / "memory_report.md").is_file()
@@ -171,7 +203,7 @@ def test_launch_tiny_on_local_ray(main_job):
 @pytest.mark.slow
 def test_ranks_get_a_secret_no_file_holds(main_job):
     """A secret-looking `env` value stays out of Ray's runtime_env and out of every file, yet every rank gets it."""
-    out, proc, seen, ray_files = main_job
+    out, proc, seen, ray_files, _ = main_job
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run = out / "tiny"
     assert "LORASP_PROBE_TOKEN: <redacted>" in (run / "config.yaml").read_text()
@@ -336,26 +368,21 @@ def newest_checkpoint_step(run_dir: Path) -> int:
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, ray_cluster, ray_env, tiny_out):
     """One run, stopped twice and finished (SIGUSR1, SLURM's stop, takes the first path: tests/test_slurm.py).
-    1. Ctrl-C on `lorasp launch` (SIGINT to its whole process group, as a terminal sends it): every rank checkpoints,
-       exit 3 and the resume line. The local Ray instance it started listens on 127.0.0.1 only, with token
-       authentication set by the launcher itself; the one exception is torch's rendezvous store on rank 0.
-    2. Resumed, then Ctrl-C twice once it has saved the next checkpoint: no waiting for another; exit 130, and the
-       local Ray instance goes with it.
-    3. Its newest checkpoint corrupted (a flipped byte), resumed with train.keep_last=2 on the session's cluster
-       (`--address`, joining it): it continues from the checkpoint before, moves the corrupt one to
-       checkpoints/corrupt/ and ends with two checkpoints and the adapter of a run never interrupted."""
+    1. Ctrl-C on `lorasp launch` joined to the session's cluster (`--address`; SIGINT to its whole process group, as
+       a terminal sends it): every rank checkpoints, exit 3 and the resume line.
+    2. Resumed on a local Ray instance of its own, then Ctrl-C twice once it has saved the next checkpoint: no
+       waiting for another; exit 130, and the local Ray instance goes with it.
+    3. Its newest checkpoint corrupted (a flipped byte), resumed with train.keep_last=2 on the session's cluster:
+       it continues from the checkpoint before, moves the corrupt one to checkpoints/corrupt/ and ends with two
+       checkpoints and the adapter of a run never interrupted."""
     head, cluster_env = ray_cluster
     env = {k: v for k, v in ray_env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     run = tiny_out / "interrupted"
     cmd = launch_cmd(f"train.output_dir={tiny_out}", "train.run_name=interrupted", *EXACT)
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--address", head.address], env=cluster_env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
-        ray_procs = psutil.Process(proc.pid).children(recursive=True)
-        sockets = listening([psutil.Process(proc.pid), *ray_procs])
-        store = torch_store_ports(int((run / "pids" / "rank0").read_text()))
-        gcs_env = next(p for p in ray_procs if p.name() == "gcs_server").environ()
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -363,7 +390,7 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
             os.killpg(proc.pid, signal.SIGKILL)
     stopped_at = max(steps_logged(run))
     saved = newest_checkpoint_step(run)
-    record("SIGINT (Ctrl-C)", entry="lorasp launch (local Ray)", exit_code=proc.returncode,
+    record("SIGINT (Ctrl-C)", entry="lorasp launch (Ray cluster)", exit_code=proc.returncode,
            steps_lost=stopped_at - saved, data_lost=saved != stopped_at,
            outcome=f"checkpoint at step {saved} of {stopped_at} done")
     assert proc.returncode == 3, out[-6000:]
@@ -372,10 +399,6 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
     assert resume_line.startswith(f"[lorasp] stopped at step {stopped_at} (SIGINT); resume with: ")
     assert resume_line.endswith(f"--resume {run}")
     assert not (run / "STOP").exists() and not (run / "adapter").exists()
-    print(f"listening: {sorted(set(sockets))}")
-    wide = [(ip, port, name) for ip, port, name in sockets if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
-    assert sockets and len(store) <= 1 and all(port in store for _, port, _ in wide), (wide, store)
-    assert gcs_env.get("RAY_AUTH_MODE") == "token" and len(gcs_env.get("RAY_AUTH_TOKEN", "")) >= 32
 
     proc = subprocess.Popen([*cmd, "--resume", str(run)], env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
