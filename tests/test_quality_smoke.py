@@ -42,16 +42,10 @@ def load_quality():
     return quality
 
 
-def run_quality(args: list[str]) -> subprocess.CompletedProcess:
-    # One thread: the tiny model gains nothing from more, and on a shared CPU spinning threads cost seconds a run.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def quality_here(args: list[str], capsys) -> subprocess.CompletedProcess:
-    """bench/quality.py's main() in this process, for a call that trains nothing (a refusal, or a study with nothing
-    left to run): a process of its own would spend seconds importing torch. Its exit and output, as a process's."""
+    """bench/quality.py's main() in this process, its exit and output as a process's: a process of its own would spend
+    seconds importing torch (test_two_shards_share_one_runs_file runs the script as processes, two at once). The
+    worker computes on one thread, as OMP_NUM_THREADS=1 makes the script's own process do (conftest.py)."""
     capsys.readouterr()
     try:
         code = load_quality().main(args)
@@ -77,21 +71,15 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_quality_smoke_runs_every_variant(tmp_path, tiny_base, capsys):
     bb, out = write_tasks(tmp_path), tmp_path / "results"
-    cmd = [sys.executable, str(REPO / "bench" / "quality.py"), "--smoke", "--device", "cpu",
-           "--bigbench-dir", str(bb), "--base", str(tiny_base), "--work", str(tmp_path / "work"), "--out", str(out),
-           "--tasks", "toy_parity", "toy_next"]
-    # One thread: the tiny model gains nothing from more, and on a shared CPU spinning threads cost seconds a run.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def quality(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = ["--smoke", "--device", "cpu", "--bigbench-dir", str(bb), "--base", str(tiny_base), "--work",
+           str(tmp_path / "work"), "--out", str(out), "--tasks", "toy_parity", "toy_next"]
 
     # A call that runs out of --time-budget stops between runs with partial results; --resume finishes the study.
-    first = quality("--time-budget", "1")
+    first = quality_here([*cmd, "--time-budget", "1"], capsys)
     assert first.returncode == 0 and "stopped by --time-budget" in first.stdout, first.stdout + first.stderr[-3000:]
     assert not json.loads((out / "summary.json").read_text())["complete"]
     assert "INCOMPLETE" in (out / "README.md").read_text()
-    proc = quality("--resume")
+    proc = quality_here([*cmd, "--resume"], capsys)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
@@ -122,10 +110,10 @@ def test_quality_smoke_runs_every_variant(tmp_path, tiny_base, capsys):
     assert "LoRA-SP vs LoRA" in readme and "The frozen half of B" in readme
 
     # Once complete, --resume finds nothing left to run; without it, the script refuses to start the study again.
-    again = quality_here([*cmd[2:], "--resume"], capsys)
+    again = quality_here([*cmd, "--resume"], capsys)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
     assert len((out / "runs.jsonl").read_text().splitlines()) == len(runs)
-    refused = quality_here(cmd[2:], capsys)
+    refused = quality_here(cmd, capsys)
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
 
@@ -170,7 +158,7 @@ def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base, capsys):
     refused = quality_here([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit", "--variants", "full"],
                            capsys)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --variants = full:"), refused.stderr
-    proc = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit"])
+    proc = quality_here([*args, "--bigbench-dir", str(bb), "--out", str(out), "--base-4bit"], capsys)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
               if json.loads(line)["variant"] == "lorasp"]
@@ -191,20 +179,20 @@ def test_base_4bit_trains_on_the_engines_nf4_base(tmp_path, tiny_base, capsys):
     assert len(run["loss_curve"]) == 2 and 0 <= run["test"] <= 1
 
     # The 4-bit runs have their own settings key: a dense study in the same folder never resumes them.
-    dense_run = run_quality([*args, "--out", str(out), "--resume"])
+    dense_run = quality_here([*args, "--out", str(out), "--resume"], capsys)
     assert dense_run.returncode == 0 and "runs to do" in dense_run.stdout
     keys = {json.loads(line)["settings_key"] for line in (out / "runs.jsonl").read_text().splitlines()}
     assert len(keys) == 2
 
 
-def test_packed_examples_do_not_see_each_other(tmp_path, tiny_base):
+def test_packed_examples_do_not_see_each_other(tmp_path, tiny_base, capsys):
     """Rows pack several examples; the study must train on them as the engine does (position ids restarting at each
     example, hence a block-diagonal mask), so its first-step loss is the loss with the rows' position ids."""
     bb, out = write_tasks(tmp_path), tmp_path / "results"
     args = ["--smoke", "--device", "cpu", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
             "--tasks", "toy_parity", "--variants", "lora", "--steps", "1", "--lrs", "adapter=1e-3",
             "--max-seq-len", "160"]
-    proc = run_quality([*args, "--bigbench-dir", str(bb), "--out", str(out)])
+    proc = quality_here([*args, "--bigbench-dir", str(bb), "--out", str(out)], capsys)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run,) = [r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()) if r["variant"] == "lora"]
 
@@ -225,7 +213,7 @@ def test_eval_every_writes_curves_and_their_chart(tmp_path, tiny_base, capsys):
             "--steps", "5", "--seeds", "0", "1", "--lrs", "adapter=1e-3"]
     bad = quality_here([*args, "--eval-every", "-1"], capsys)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --eval-every = -1: "), bad.stderr
-    proc = run_quality([*args, "--eval-every", "2"])
+    proc = quality_here([*args, "--eval-every", "2"], capsys)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     (base,) = [r for r in runs if r["variant"] == "base"]
