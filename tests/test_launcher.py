@@ -65,6 +65,11 @@ def steps_logged(run_dir: Path, rank: int = 0) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
+def past_step_3(run_dir: Path):
+    """A wait_for predicate: the run has logged 3 steps (mid-run: training under way, far from its end)."""
+    return lambda: (run_dir / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run_dir)) >= 3
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
@@ -124,8 +129,7 @@ def main_job(ray_cluster, seed_tiny, tmp_path_factory):
                                            f"env.LORASP_PROBE_TOKEN={SECRET}"),
                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3",
-                     proc)
+            wait_for(past_step_3(run), "step 3", proc)
             ray_procs = psutil.Process(proc.pid).children(recursive=True)
             local = LocalRay(listening([psutil.Process(proc.pid), *ray_procs]),
                              torch_store_ports(int((run / "pids" / "rank0").read_text())),
@@ -386,7 +390,7 @@ def test_ctrl_c_checkpoints_a_second_aborts_and_resume_finishes(uninterrupted, r
     proc = subprocess.Popen([*cmd, "--address", head.address], env=cluster_env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
+        wait_for(past_step_3(run), "step 3", proc)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -470,7 +474,7 @@ def test_sigterm_stops_torchrun_ranks_with_a_checkpoint(tiny_out):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: (run / "metrics" / "rank0.jsonl").is_file() and len(steps_logged(run)) >= 3, "step 3", proc)
+        wait_for(past_step_3(run), "step 3", proc)
         for rank in psutil.Process(proc.pid).children():
             rank.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)

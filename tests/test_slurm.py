@@ -221,9 +221,8 @@ def test_injection_never_runs_on_slurm(field, slurm, slurm_jobs, tmp_path):
 @pytest.mark.slow
 def test_directives_reach_slurm(slurm, tmp_path):
     """Every #SBATCH line is read: a held job shows the time limit, the requeue flag and the extra options."""
-    proc = lorasp("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", *HALF_CPU, "--time", "0:10:00",
-                  "--partition", "cpuonly", "--sbatch=--hold", "--sbatch=--comment=ignored", env=slurm.env)
-    job, _ = submitted(proc)
+    job, _ = submit_job(slurm, tmp_path, "--time", "0:10:00", "--partition", "cpuonly", "--sbatch=--hold",
+                        "--sbatch=--comment=ignored")
     try:
         fields = {f: slurm.job_field(job, f) for f in ("JobState", "TimeLimit", "Requeue", "Partition", "Reason")}
     finally:
