@@ -3,7 +3,7 @@
 Three jobs are queued together, start 20 s apart and share the node (1 CPU each, 2 workers of half a CPU, on a
 node that offers SLURM more CPUs than the host has), so their Ray clusters must keep apart: per-job temp dirs and
 ports. One gets USR1 mid-run, checkpoints, requeues itself, resumes in the same run directory and runs to the end;
-one is cancelled mid-run; one's loss goes NaN.
+one is cancelled mid-run; one's loss goes NaN, and its first Ray head start fails.
 
 They take minutes: conftest.py submits them when the session's first slow test on Ray starts, so that they run beside
 the Ray launches, which leave part of the 2 CPUs idle; their tests, which run last, mostly find them done.
@@ -30,10 +30,18 @@ NODE_CPUS = 4
 PREEMPT_STEPS, SAVE_EVERY = 20, 5  # the stopped jobs: their signal comes after 3 steps
 PREEMPT = (f"train.max_steps={PREEMPT_STEPS}", f"train.save_every={SAVE_EVERY}", "train.eval_every=0")
 JOB_TIMEOUT_S = 420
-# The batch script's line when a Ray node exits while the cluster comes up. Ray 2.60 gives a starting node 30 s to
-# register (hard-coded in ray/_private/node.py); the last-staggered job's head, starting beside the other two jobs'
-# launches and the session's runs on 2 cores, took longer in two of three full runs (bench/NOTES.md, session 25).
-RAY_DID_NOT_START = "error: a Ray node exited while the cluster came up"
+# A `ray` whose first `ray start --head` is killed once it has started the head's GCS, as Ray ends a head that misses
+# its 30 s to register (hard-coded in Ray 2.60; a busy node can miss it): the batch script must start the cluster again.
+RAY_HEAD_FAILS_ONCE = """#!/bin/bash
+if [ "$1 $2" = "start --head" ] && mkdir "{marker}" 2>/dev/null; then
+  for arg; do case $arg in --temp-dir=*) tmp=${{arg#*=}} ;; esac; done
+  "{ray}" "$@" & pid=$!
+  until [ -e "$tmp/session_latest/logs/gcs_server.out" ] || ! kill -0 $pid 2>/dev/null; do sleep 0.2; done
+  kill -KILL $pid; wait $pid
+  exit 1
+fi
+exec "{ray}" "$@"
+"""
 STAGGER_S = 20  # between the jobs' starts (SchedulerParameters=sched_interval=2: a job starts on time)
 SIGNAL_WITHIN_S = 1200  # from the jobs' submission: they run beside the other slow tests
 
@@ -55,9 +63,17 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def submit_job(cluster: SlurmCluster, output_dir: Path, *overrides: str) -> tuple[str, Path]:
+def submit_job(cluster: SlurmCluster, output_dir: Path, *overrides: str, env: dict | None = None) -> tuple[str, Path]:
     return submitted(lorasp("slurm", "submit", str(TINY), f"train.output_dir={output_dir}", *HALF_CPU, *overrides,
-                            env=cluster.env))
+                            env={**cluster.env, **(env or {})}))
+
+
+def ray_head_fails_once(where: Path) -> dict:
+    """The settings for a job whose first Ray head start fails (RAY_HEAD_FAILS_ONCE, written into `where`)."""
+    ray = where / "ray"
+    ray.write_text(RAY_HEAD_FAILS_ONCE.format(ray=Path(sys.executable).with_name("ray"), marker=where / "failed"))
+    ray.chmod(0o755)
+    return {"RAY": str(ray)}
 
 
 def submit_jobs(cluster: SlurmCluster, out_dir) -> tuple[dict, dict]:
@@ -66,9 +82,11 @@ def submit_jobs(cluster: SlurmCluster, out_dir) -> tuple[dict, dict]:
     # the preempted job first: it runs twice, the longest of them, and then to the end (test_job_runs_to_completion).
     # The others start STAGGER_S apart: each starts its own Ray head, and three at once, beside the session's first
     # launches, took up to 42 s to come up on 2 cores, where Ray gives a starting node 30 s to register.
+    nan_dir = out_dir("nan")
     queued = {"preempted": submit_job(cluster, out_dir("preempted"), *PREEMPT),
               "cancelled": submit_job(cluster, out_dir("cancelled"), *PREEMPT, f"--sbatch=--begin=now+{STAGGER_S}"),
-              "nan": submit_job(cluster, out_dir("nan"), *EXPLODE, f"--sbatch=--begin=now+{2 * STAGGER_S}")}
+              "nan": submit_job(cluster, nan_dir, *EXPLODE, f"--sbatch=--begin=now+{2 * STAGGER_S}",
+                                env=ray_head_fails_once(nan_dir))}
     signals = {"preempted": SignalMidRun(cluster, *queued["preempted"], "--signal=USR1", "--batch"),
                "cancelled": SignalMidRun(cluster, *queued["cancelled"])}
     return queued, signals
