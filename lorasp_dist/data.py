@@ -365,8 +365,8 @@ def record_order(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=_generator("split", seed)).tolist()
 
 
-def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedDataset]:
-    """(train, val) packed rows of `data.seq_len` tokens.
+def build_datasets(cfg: RunConfig, tokenizer, report: bool = True) -> tuple[PackedDataset, PackedDataset]:
+    """(train, val) packed rows of `data.seq_len` tokens; `report`: print what the training split holds.
 
     Records are shuffled by data.seed; when the run evaluates (train.eval_every > 0), the first data.val_fraction of
     them (at least one when val_fraction > 0 and there are two or more) are the validation split. Each split is
@@ -386,9 +386,11 @@ def build_datasets(cfg: RunConfig, tokenizer) -> tuple[PackedDataset, PackedData
         train, val = (_instruction_rows(records, rows, template, data.seq_len, pad)
                       for rows in (order[n_val:], order[:n_val]))
         s = train.stats
-        print(f"[lorasp] data: {s['examples']} training examples in {len(train)} rows of {data.seq_len} tokens "
-              f"({template.kind} template), {s['scored_tokens']} scored tokens; {s['truncated']} truncated from the "
-              f"prompt side, {s['dropped']} dropped (answer longer than data.seq_len)", file=sys.stderr, flush=True)
+        if report:
+            print(f"[lorasp] data: {s['examples']} training examples in {len(train)} rows of {data.seq_len} tokens "
+                  f"({template.kind} template), {s['scored_tokens']} scored tokens; {s['truncated']} truncated from "
+                  f"the prompt side, {s['dropped']} dropped (answer longer than data.seq_len)", file=sys.stderr,
+                  flush=True)
     if len(train) == 0:
         raise DataError(f"data.seq_len = {data.seq_len}: the training split has only {train.stats['tokens']} "
                         "tokens, not enough for one sequence")

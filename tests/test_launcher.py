@@ -190,7 +190,11 @@ def test_launch_tiny_on_local_ray(main_job):
     assert all("loss " in m[0] and "tok/s" in m[0] and "eta " in m[0] and "host_rss " in m[0] for m in progress if m)
     assert len(PROGRESS.findall(proc.stdout)) == 20
     assert not PROGRESS.search((run / "logs" / "rank1.log").read_text())
+    # the data's summary line: the launcher's, before Ray starts, and rank 0's; rank 1 builds the same rows silently
+    assert (run / "logs" / "rank0.log").read_text().count("[lorasp] data: ") == 1
+    assert "[lorasp] data: " not in (run / "logs" / "rank1.log").read_text()
     console = proc.stdout + proc.stderr
+    assert console.count("[lorasp] data: ") == 2
     assert "PlacementGroupCleaner" not in console and "TrainingReport(" not in console
     assert "kernels-community" not in console
 

@@ -211,7 +211,7 @@ def early_data(cfg: RunConfig) -> Prepared | None:
 
     try:
         tokenizer = ensure_tokenizer(cfg)
-        return Prepared(tokenizer, *build_datasets(cfg, tokenizer), None)
+        return Prepared(tokenizer, *build_datasets(cfg, tokenizer, report=False), None)  # rank 0 reports the data
     except Exception:
         return None
 
@@ -261,7 +261,7 @@ class Recipe:
         self.barrier()  # rank 0 ran preflight() before joining: the tokenizer and synthetic base exist now
         if prepared is None:
             tokenizer = ensure_tokenizer(cfg)
-            prepared = Prepared(tokenizer, *build_datasets(cfg, tokenizer), ensure_base(cfg))
+            prepared = Prepared(tokenizer, *build_datasets(cfg, tokenizer, report=self.is_main), ensure_base(cfg))
         elif prepared.base_path is None:  # the data was built before the barrier (early_data), the base comes after it
             prepared = prepared._replace(base_path=ensure_base(cfg))
         self.tokenizer, self.train_ds, self.val_ds, self.base_path = prepared
