@@ -105,14 +105,15 @@ def test_bad_flags(args, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("setting, value", [("LORASP_RAY_START_TRIES", "0"), ("LORASP_RAY_TIMEOUT", "5m")])
+@pytest.mark.parametrize("setting, value", [("LORASP_RAY_START_TRIES", "0"), ("LORASP_RAY_TIMEOUT", "5m"),
+                                            ("LORASP_RAY_START_TRIES", "3\ntouch /tmp/lorasp-injected")])
 def test_bad_script_setting_is_refused(setting, value, tmp_path):
     """The batch script's own settings (environment variables) are checked before it starts anything."""
     env = {**os.environ, "SLURM_JOB_ID": "1", setting: value}
     proc = subprocess.run(["bash", str(REPO / "slurm" / "lorasp.sbatch"), str(tmp_path / "run"), str(TINY)], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and f"error: {setting} = '{value}': give a whole number >= 1" in proc.stdout, proc
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and not Path("/tmp/lorasp-injected").exists()
 
 
 # --- values that reach the script: validated, never only quoted -----------------------------------------------------
