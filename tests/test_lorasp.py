@@ -231,25 +231,28 @@ def test_masks_reproducible_and_distinct():
 
 
 def test_resample_keeps_values_and_carries_state(base):
+    # Every matrix, since the redraw moves them all through one concatenation: a slip at a seam shows here.
     model = fresh(base, resample_every=5)
     opt = adamw_steps(model, n=3)
-    layer = lorasp_layers(model)[0]
-    m = layer.lora_A
-    dense_before = m.dense().detach().clone()
-    old_mask = m.mask.clone()
-    exp_avg_dense = torch.zeros(m.shape)
-    exp_avg_dense[old_mask] = opt.state[m.train_values]["exp_avg"]
+    matrices = [m for layer in lorasp_layers(model) for m in (layer.lora_A, layer.lora_B)]
+    before = []
+    for m in matrices:
+        moments = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            moments[key] = torch.zeros(m.shape)
+            moments[key][m.mask] = opt.state[m.train_values][key]
+        before.append((m.dense().detach().clone(), m.mask.clone(), moments))
     resample_masks(model, opt)
-    assert not torch.equal(old_mask, m.mask)
-    assert int(m.mask.sum()) == int(old_mask.sum())
-    torch.testing.assert_close(m.dense().detach(), dense_before)  # values kept
-    state = opt.state[m.train_values]["exp_avg"]
-    full = torch.zeros(m.shape)
-    full[m.mask] = state
-    stay = old_mask & m.mask
-    new = ~old_mask & m.mask
-    torch.testing.assert_close(full[stay], exp_avg_dense[stay])  # carried for entries that stay trainable
-    assert torch.count_nonzero(full[new]) == 0  # reset for entries that became trainable
+    for m, (dense, old_mask, moments) in zip(matrices, before):
+        assert not torch.equal(old_mask, m.mask)
+        assert int(m.mask.sum()) == int(old_mask.sum())
+        torch.testing.assert_close(m.dense().detach(), dense)  # values kept
+        stay, new = old_mask & m.mask, ~old_mask & m.mask
+        for key, was in moments.items():
+            full = torch.zeros(m.shape)
+            full[m.mask] = opt.state[m.train_values][key]
+            torch.testing.assert_close(full[stay], was[stay])  # carried for entries that stay trainable
+            assert torch.count_nonzero(full[new]) == 0  # reset for entries that became trainable
     adamw_steps(model, n=1)  # and training goes on
 
 

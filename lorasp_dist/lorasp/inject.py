@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lorasp_dist.config import ConfigError, LoRASPConfig
-from lorasp_dist.lorasp.layer import AdapterGroup, LoRASPLinear
+from lorasp_dist.lorasp.layer import AdapterGroup, LoRASPLinear, remask_together
 
 
 def _matches(name: str, target: str) -> bool:
@@ -75,9 +75,10 @@ def group_adapters(decoder_layers: list[nn.Module]) -> None:
 
 
 def resample_masks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Redraw every mask (the `resample_every` schedule); see SparseMatrix.remask for what happens to state."""
-    for layer in lorasp_layers(model):
-        layer.resample(optimizer)
+    """Redraw every mask (the `resample_every` schedule); see remask_together for what happens to state."""
+    redrawn = [pair for layer in lorasp_layers(model) for pair in layer.redraw()]
+    if redrawn:
+        remask_together(*map(list, zip(*redrawn)), optimizer)
 
 
 def _logical_numel(p: torch.Tensor) -> int:

@@ -73,27 +73,43 @@ class SparseMatrix(nn.Module):
         return self.mask_bits is not None
 
     @torch.no_grad()
-    def remask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Swap in a new mask with the same count. Values are kept; optimizer state follows each entry that stays
-        trainable and starts at zero for an entry that becomes trainable."""
-        old = self.mask
-        mask = mask.to(old.device)
-        state = optimizer.state.get(self.train_values, {}) if optimizer is not None else {}
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == self.train_values.shape:
-                value.copy_(repack(value, old, mask))
-        self.store(self.dense(), mask)
-
-    @torch.no_grad()
     def store(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
         """Hold `dense` under `mask`, which has as many trainable entries as the current one. In place: whatever
         holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
-        self.train_values.copy_(dense[mask])
+        self.hold(dense[mask], dense[~mask], mask)
+
+    @torch.no_grad()
+    def hold(self, trained: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor) -> None:
+        """`store`, with the dense matrix already split by `mask` into its trainable and frozen values."""
+        self.train_values.copy_(trained)
         if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
-            self.frozen_values = nn.Parameter(dense[~mask].clone(), requires_grad=False)
+            self.frozen_values = nn.Parameter(frozen.clone(), requires_grad=False)
         else:
-            self.frozen_values.copy_(dense[~mask])
+            self.frozen_values.copy_(frozen)
         self.mask_bits.copy_(pack_mask(mask))
+
+
+@torch.no_grad()
+def remask_together(matrices: list[SparseMatrix], masks: list[torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Swap in new masks (each with its matrix's count). Values are kept; optimizer state follows each entry that
+    stays trainable and starts at zero for an entry that becomes trainable. All matrices at once, over their
+    concatenation: a boolean index makes the host wait for the GPU, so a handful of them per redraw, not ~8 per
+    matrix (a 135M model's 420 matrices: 0.58 s a redraw one by one, ~0.14 s together; bench/NOTES.md)."""
+    old = torch.cat([m.mask.reshape(-1) for m in matrices])
+    new = torch.cat([k.reshape(-1) for k in masks]).to(old.device)  # drawn on the host: one copy for all
+    trained = [m.train_values.numel() for m in matrices]
+    states = [optimizer.state.get(m.train_values, {}) if optimizer is not None else {} for m in matrices]
+    for key, value in states[0].items():  # AdamW's moments; not its step count
+        if torch.is_tensor(value) and value.shape == matrices[0].train_values.shape:
+            moments = [s[key] for s in states]
+            for moment, moved in zip(moments, repack(torch.cat(moments), old, new).split(trained)):
+                moment.copy_(moved)
+    dense = torch.cat([m.dense().reshape(-1) for m in matrices])
+    kept, held = dense[new], dense[~new]
+    frozen = [m.n_frozen for m in matrices]
+    for m, t, f, k in zip(matrices, kept.split(trained), held.split(frozen), new.split([m.numel for m in matrices])):
+        m.hold(t, f, k)
 
 
 def repack(packed: torch.Tensor, old: torch.Tensor, new: torch.Tensor, fill: torch.Tensor | None = None
@@ -210,13 +226,10 @@ class LoRASPLinear(nn.Module):
         return [(w, m) for w, m in (("A", self.lora_A), ("B", self.lora_B)) if 0.0 < self._ratio(w) < 1.0]
 
     def redraw(self) -> list[tuple[SparseMatrix, torch.Tensor]]:
-        """Step to the next round: each masked matrix with its new mask, for the caller to swap in (`remask`)."""
+        """Step to the next round: each masked matrix with its new mask, for the caller to swap in
+        (`remask_together`, or zero3's per-matrix remask)."""
         self.round += 1
         return [(m, self._mask(which, m.shape)) for which, m in self._masked()]
-
-    def resample(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        for matrix, mask in self.redraw():
-            matrix.remask(mask, optimizer)
 
     @torch.no_grad()
     def set_round(self, round_: int) -> None:
