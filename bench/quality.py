@@ -911,7 +911,7 @@ def main(argv=None) -> int:
     tok = load_tokenizer(base, "--base")
     base_model = load_study_base(a, base, device)
     base_model.requires_grad_(False)
-    walls: list[float] = []
+    walls: dict[str, list[float]] = {}  # this call's run times, by variant
     out.mkdir(parents=True, exist_ok=True)
 
     def record(r: dict) -> None:
@@ -919,9 +919,9 @@ def main(argv=None) -> int:
              "settings_key": key, **r}
         append_line(runs_path, json.dumps(r))
         done[run_key(r["task"], r["variant"], r["seed"], r["lr"])] = r
-        walls.append(r["wall_s"])
+        walls.setdefault(r["variant"], []).append(r["wall_s"])
         left = runs_left(done, tasks, a)
-        eta = left * statistics.fmean(walls) / 60
+        eta = left * statistics.fmean(w for ws in walls.values() for w in ws) / 60
         val = f"val {r['val']:.3f} " if "val" in r else ""
         speed = f", {r['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in r else ""
         if r.get("nonfinite_steps"):
@@ -930,13 +930,13 @@ def main(argv=None) -> int:
               f"({r['wall_s']:.1f} s{speed}); {left} runs left, ~{eta:.1f} min to go", flush=True)
 
     def over_budget(variant: str | None = None) -> bool:
-        """Would the next run end after --time-budget? Judged by the longest run of its variant so far, earlier calls'
-        included (a redrawing variant takes about twice as long as the others), else by this call's longest; a call's
-        first run always starts."""
+        """Would the next run end after --time-budget? Judged by the longest run of its variant in this call, else in
+        earlier calls (a redrawing variant takes longer than the others; an earlier call's runs may have shared the
+        GPU and run slower), else by this call's longest; a call's first run always starts."""
         if not a.time_budget or not walls:
             return False
-        same = [r["wall_s"] for r in done.values() if r["variant"] == variant]
-        return time.perf_counter() - started + max(same or walls) > a.time_budget
+        same = walls.get(variant) or [r["wall_s"] for r in done.values() if r["variant"] == variant]
+        return time.perf_counter() - started + max(same or [w for ws in walls.values() for w in ws]) > a.time_budget
 
     job = -1  # the run's place in the study's fixed run list, which --shard splits
 
