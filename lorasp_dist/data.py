@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -389,8 +388,7 @@ def build_datasets(cfg: RunConfig, tokenizer, report: bool = True) -> tuple[Pack
         if report:
             print(f"[lorasp] data: {s['examples']} training examples in {len(train)} rows of {data.seq_len} tokens "
                   f"({template.kind} template), {s['scored_tokens']} scored tokens; {s['truncated']} truncated from "
-                  f"the prompt side, {s['dropped']} dropped (answer longer than data.seq_len)", file=sys.stderr,
-                  flush=True)
+                  f"the prompt side, {s['dropped']} dropped (answer longer than data.seq_len)", flush=True)
     if len(train) == 0:
         raise DataError(f"data.seq_len = {data.seq_len}: the training split has only {train.stats['tokens']} "
                         "tokens, not enough for one sequence")

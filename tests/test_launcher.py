@@ -193,8 +193,11 @@ def test_launch_tiny_on_local_ray(main_job):
     # the data's summary line: the launcher's, before Ray starts, and rank 0's; rank 1 builds the same rows silently
     assert (run / "logs" / "rank0.log").read_text().count("[lorasp] data: ") == 1
     assert "[lorasp] data: " not in (run / "logs" / "rank1.log").read_text()
+    # on stdout with the progress lines, so the console keeps rank 0's order: its data line before its first step's
+    lines = proc.stdout.splitlines()
+    data_at = [i for i, line in enumerate(lines) if "[lorasp] data: " in line]
+    assert len(data_at) == 2 and data_at[1] < next(i for i, line in enumerate(lines) if PROGRESS.search(line))
     console = proc.stdout + proc.stderr
-    assert console.count("[lorasp] data: ") == 2
     assert "PlacementGroupCleaner" not in console and "TrainingReport(" not in console
     assert "kernels-community" not in console
 

@@ -21,7 +21,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # ZeRO-3 partitions floating-point tensors; bf16 storage makes the 4-bit weights shardable like any other weight.
 QUANT_STORAGE = torch.bfloat16
-QUANT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 def bitsandbytes():
