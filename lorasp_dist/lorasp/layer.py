@@ -73,14 +73,9 @@ class SparseMatrix(nn.Module):
         return self.mask_bits is not None
 
     @torch.no_grad()
-    def store(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
-        """Hold `dense` under `mask`, which has as many trainable entries as the current one. In place: whatever
-        holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
-        self.hold(dense[mask], dense[~mask], mask)
-
-    @torch.no_grad()
     def hold(self, trained: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor) -> None:
-        """`store`, with the dense matrix already split by `mask` into its trainable and frozen values."""
+        """Take a new mask with as many trainable entries as the current one, and the values under it. In place:
+        whatever holds these tensors (a captured CUDA graph, ZeRO-3's gathered parameters) sees the change."""
         self.train_values.copy_(trained)
         if self.frozen_values is None:  # trained entries become frozen: they are no longer all zero
             self.frozen_values = nn.Parameter(frozen.clone(), requires_grad=False)
@@ -105,9 +100,15 @@ def remask_together(matrices: list[SparseMatrix], masks: list[torch.Tensor],
             moments = [s[key] for s in states]
             for moment, moved in zip(moments, repack(torch.cat(moments), old, new).split(trained)):
                 moment.copy_(moved)
-    dense = torch.cat([m.dense().reshape(-1) for m in matrices])
+    hold_together(matrices, torch.cat([m.dense().reshape(-1) for m in matrices]), new)
+
+
+@torch.no_grad()
+def hold_together(matrices: list[SparseMatrix], dense: torch.Tensor, new: torch.Tensor) -> None:
+    """Each matrix takes its new mask and its dense values under it, from their concatenations (`dense`, `new`):
+    one boolean index each way for all of them. (Under ZeRO-3, inside a gather of the matrices' parameters.)"""
     kept, held = dense[new], dense[~new]
-    frozen = [m.n_frozen for m in matrices]
+    trained, frozen = [m.train_values.numel() for m in matrices], [m.n_frozen for m in matrices]
     for m, t, f, k in zip(matrices, kept.split(trained), held.split(frozen), new.split([m.numel for m in matrices])):
         m.hold(t, f, k)
 
