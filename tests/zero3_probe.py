@@ -28,8 +28,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lorasp_dist.config import load_config  # noqa: E402
 from lorasp_dist.engine import train as engine  # noqa: E402
-from lorasp_dist.lorasp import lorasp_layers  # noqa: E402
-from lorasp_dist.lorasp.zero3 import MOMENTS  # noqa: E402
+from lorasp_dist.lorasp import lorasp_layers, zero3  # noqa: E402
 
 
 def record(model: torch.nn.Module, tag: str, out: dict[str, torch.Tensor], moments: bool = True) -> None:
@@ -38,7 +37,7 @@ def record(model: torch.nn.Module, tag: str, out: dict[str, torch.Tensor], momen
             key = f"{tag}/{layer.name}.{which}"
             values = matrix.train_values
             out[f"{key}.master"] = safe_get_full_fp32_param(values)
-            for name in MOMENTS if moments else ():  # torch's AdamW makes them at its first step
+            for name in zero3.MOMENTS if moments else ():  # torch's AdamW makes them at its first step
                 out[f"{key}.{name}"] = safe_get_full_optimizer_state(values, name)
             for name, p in matrix.named_parameters():
                 out[f"{key}.part.{name}"] = p.ds_tensor.clone()
@@ -71,4 +70,5 @@ class ProbedRecipe(engine.Recipe):
 
 if __name__ == "__main__":
     engine.Recipe = ProbedRecipe  # train() builds the recipe by this name
+    zero3.BATCH_ENTRIES = 10_000  # the tiny model's 56 matrices (~115k entries) move in several batches, not one
     engine.train(load_config(Path(sys.argv[1]), sys.argv[2:]))

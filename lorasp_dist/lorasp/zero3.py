@@ -9,9 +9,9 @@ from the seed): each dense entry keeps its value, the fp32 master follows an ent
 from the frozen value of one that becomes trainable, the moments follow an entry that stays trainable and start at
 zero for one that becomes trainable. Every rank then keeps its own part of each: the parameters through
 GatheredParameters (rank 0's result, re-partitioned; a persistent full copy is gathered again from the parts at its
-next use), the master and the moments through DeepSpeed's safe_get/safe_set_local APIs. All matrices at once: one
-gather of the parameters and one all-gather each for the master and the two moments, where one matrix at a time cost
-about six collectives a matrix (1,120 matrices in a 65B model).
+next use), the master and the moments through DeepSpeed's safe_get/safe_set_local APIs. Matrices move in batches of
+up to BATCH_ENTRIES entries: one gather of the parameters and one all-gather each for the master and the two moments
+a batch, where one matrix at a time cost about six collectives a matrix (1,120 matrices in a 65B model).
 """
 
 from __future__ import annotations
@@ -33,11 +33,22 @@ from lorasp_dist.lorasp.layer import SparseMatrix, hold_together, repack
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state: the engine's optimizer (lorasp_dist/ds_config.py)
 
 
+# Entries of A and B moved together: a batch holds ~24 bytes an entry on each rank while it moves (the parameters and
+# the fp32 master and moments whole, their repacked copies), so ~100 MB; a 65B model's r=16 adapters are ~50 batches.
+BATCH_ENTRIES = 1 << 22
+
+
 def resample_masks_zero3(model: nn.Module) -> None:
-    """Redraw every mask of a model that deepspeed.initialize has wrapped. Collective: every rank calls it."""
-    redrawn = [pair for layer in lorasp_layers(model) for pair in layer.redraw()]
-    if redrawn:
-        _remask(*map(list, zip(*redrawn)))
+    """Redraw every mask of a model that deepspeed.initialize has wrapped. Collective: every rank calls it, and makes
+    the same batches."""
+    batch: list[tuple[SparseMatrix, torch.Tensor]] = []
+    for layer in lorasp_layers(model):
+        batch += layer.redraw()
+        if sum(matrix.numel for matrix, _ in batch) >= BATCH_ENTRIES:
+            _remask(*map(list, zip(*batch)))
+            batch = []
+    if batch:
+        _remask(*map(list, zip(*batch)))
 
 
 @torch.no_grad()
