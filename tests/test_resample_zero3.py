@@ -7,6 +7,7 @@ The offload configs' runs are also the engine's test of them (tests/test_engine.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,14 @@ def test_redraw_keeps_values_and_moves_optimizer_state(zero3_redrawn):
     counts = check_redraws(ranks, EVERY, STEPS)
     print(f"zero3: {counts}")
     assert counts["whole_copies"] > 0
+    # each redraw is a phase of the memory report, with its seconds: what a redraw costs is in plain sight
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (run / "memory" / f"rank{rank}.jsonl").read_text().splitlines()]
+        redraws = [r for r in lines if r["phase"] == "redraw"]
+        assert [r["step"] for r in redraws] == list(range(EVERY + 1, STEPS + 1, EVERY))
+        assert all(r["dt"] > 0 for r in redraws)
+    report = (run / "memory_report.md").read_text()
+    assert "| redraw |" in report
 
 
 # The offload configs partition the adapters too (threshold 0). Their runs are also the engine's test of each config

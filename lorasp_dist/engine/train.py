@@ -584,7 +584,8 @@ class Recipe:
             while self.step < t.max_steps:
                 self.profiler.tick(self.step)
                 if mask_round(self.step + 1, every) > mask_round(self.step, every):
-                    self.resample_masks()
+                    with self.tracker.phase("redraw", self.step + 1):  # its seconds and peaks in the memory report
+                        self.resample_masks()
                 metrics = self.train_step()
                 self.step += 1
                 if self.step == 1:  # the optimizer's moments exist from the first step on

@@ -25,7 +25,7 @@ GiB = 2**30
 GB = 10**9
 PHASE_COLORS = {
     "load": "#8c8c8c", "forward": "#4c9be8", "backward": "#e8a33d", "step": "#5cb85c",
-    "checkpoint": "#b279d6", "eval": "#d9534f", "init": "#17becf",
+    "checkpoint": "#b279d6", "eval": "#d9534f", "init": "#17becf", "redraw": "#bcbd22",
 }
 GAP_S = 1.0  # a longer gap between two phases is drawn as a break in the timeline
 
