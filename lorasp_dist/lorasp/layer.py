@@ -91,8 +91,7 @@ def remask_together(matrices: list[SparseMatrix], masks: list[torch.Tensor],
     stays trainable and starts at zero for an entry that becomes trainable. All matrices at once, over their
     concatenation: a boolean index makes the host wait for the GPU, so a handful of them per redraw, not ~8 per
     matrix (a 135M model's 420 matrices: 0.58 s a redraw one by one, ~0.14 s together; bench/NOTES.md)."""
-    old = torch.cat([m.mask.reshape(-1) for m in matrices])
-    new = torch.cat([k.reshape(-1) for k in masks]).to(old.device)  # drawn on the host: one copy for all
+    old, new, dense = joined(matrices, masks)
     trained = [m.train_values.numel() for m in matrices]
     states = [optimizer.state.get(m.train_values, {}) if optimizer is not None else {} for m in matrices]
     for key, value in states[0].items():  # AdamW's moments; not its step count
@@ -100,7 +99,14 @@ def remask_together(matrices: list[SparseMatrix], masks: list[torch.Tensor],
             moments = [s[key] for s in states]
             for moment, moved in zip(moments, repack(torch.cat(moments), old, new).split(trained)):
                 moment.copy_(moved)
-    hold_together(matrices, torch.cat([m.dense().reshape(-1) for m in matrices]), new)
+    hold_together(matrices, dense, new)
+
+
+def joined(matrices: list[SparseMatrix], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(old masks, new masks, dense values) of `matrices`, each concatenated flat: what a redraw moves entries by."""
+    old = torch.cat([m.mask.reshape(-1) for m in matrices])
+    new = torch.cat([k.reshape(-1) for k in masks]).to(old.device)  # drawn on the host: one copy for all
+    return old, new, torch.cat([m.dense().reshape(-1) for m in matrices])
 
 
 @torch.no_grad()
@@ -228,7 +234,7 @@ class LoRASPLinear(nn.Module):
 
     def redraw(self) -> list[tuple[SparseMatrix, torch.Tensor]]:
         """Step to the next round: each masked matrix with its new mask, for the caller to swap in
-        (`remask_together`, or zero3's per-matrix remask)."""
+        (`remask_together`, or zero3's `_remask` under DeepSpeed)."""
         self.round += 1
         return [(m, self._mask(which, m.shape)) for which, m in self._masked()]
 

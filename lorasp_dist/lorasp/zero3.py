@@ -28,7 +28,7 @@ from deepspeed.utils import (
 from torch import nn
 
 from lorasp_dist.lorasp.inject import lorasp_layers
-from lorasp_dist.lorasp.layer import SparseMatrix, hold_together, repack
+from lorasp_dist.lorasp.layer import SparseMatrix, hold_together, joined, repack
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state: the engine's optimizer (lorasp_dist/ds_config.py)
 
@@ -42,11 +42,14 @@ def resample_masks_zero3(model: nn.Module) -> None:
     """Redraw every mask of a model that deepspeed.initialize has wrapped. Collective: every rank calls it, and makes
     the same batches."""
     batch: list[tuple[SparseMatrix, torch.Tensor]] = []
+    entries = 0
     for layer in lorasp_layers(model):
-        batch += layer.redraw()
-        if sum(matrix.numel for matrix, _ in batch) >= BATCH_ENTRIES:
+        for matrix, mask in layer.redraw():
+            batch.append((matrix, mask))
+            entries += matrix.numel
+        if entries >= BATCH_ENTRIES:
             _remask(*map(list, zip(*batch)))
-            batch = []
+            batch, entries = [], 0
     if batch:
         _remask(*map(list, zip(*batch)))
 
@@ -58,9 +61,7 @@ def _remask(matrices: list[SparseMatrix], masks: list[torch.Tensor]) -> None:
     moments = {key: _gather_whole(values, lambda p, key=key: safe_get_local_optimizer_state(p, key))
                for key in MOMENTS}
     with deepspeed.zero.GatheredParameters([p for m in matrices for p in m.parameters()], modifier_rank=0):
-        old = torch.cat([m.mask.reshape(-1) for m in matrices])
-        new = torch.cat([k.reshape(-1) for k in masks]).to(old.device)
-        dense = torch.cat([m.dense().reshape(-1) for m in matrices])
+        old, new, dense = joined(matrices, masks)
         master = repack(master, old, new, fill=dense)
         moments = {key: repack(value, old, new) for key, value in moments.items()}
         hold_together(matrices, dense, new)
