@@ -29,15 +29,15 @@ COMMON = ("train.eval_every=0", "train.warmup_steps=0", "train.lr_schedule=const
 REDRAWN = (*COMMON, f"lorasp.resample_every={EVERY}", f"train.max_steps={STEPS}")
 
 
-def probed_run(out: Path, name: str, *overrides: str) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """Run the probe (COMMON, then `overrides`); rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+def probed_run(out: Path, name: str, *overrides: str, nproc: int = 2) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Run the probe (COMMON, then `overrides`) on `nproc` ranks; rank -> {tag: {"{layer}.{A|B}.{field}": tensor}}."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_ports(1)[0]), str(PROBE), str(TINY), f"train.output_dir={out}",
            f"train.run_name={name}", *COMMON, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = {}
-    for rank in (0, 1):
+    for rank in range(nproc):
         tags: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in load_file(out / name / "probe" / f"rank{rank}.safetensors").items():
             tag, field = key.split("/", 1)
@@ -53,23 +53,25 @@ def unpack(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def check_partitions(tag: dict[str, torch.Tensor], other: dict[str, torch.Tensor], matrices: list[str]) -> int:
-    """Each rank's partition is its slice of the gathered parameter, a persistent full copy is the gathered one,
-    and both ranks gathered the same. Returns how many full copies were checked."""
-    whole = 0
+def check_partitions(tags: list[dict[str, torch.Tensor]], matrices: list[str]) -> int:
+    """One tag on every rank: each rank's partition is its slice of the gathered parameter (in rank order, padded
+    alike), a persistent full copy is the gathered one, and all ranks gathered the same. Returns how many full
+    copies rank 0 holds."""
+    tag, whole = tags[0], 0
     for m in matrices:
         values = tag[f"{m}.train_values"]
-        parts = torch.cat([tag[f"{m}.part.train_values"], other[f"{m}.part.train_values"]])
-        assert torch.equal(parts[:values.numel()], values), m
+        parts = [t[f"{m}.part.train_values"] for t in tags]
+        assert len({p.numel() for p in parts}) == 1, m
+        assert torch.equal(torch.cat(parts)[:values.numel()], values), m
         for name in ("train_values", "frozen_values", "mask_bits"):
             copy = tag.get(f"{m}.whole.{name}")
             if copy is not None:
                 whole += 1
-                parts = torch.cat([tag[f"{m}.part.{name}"], other[f"{m}.part.{name}"]])
+                parts = torch.cat([t[f"{m}.part.{name}"] for t in tags])
                 assert torch.equal(copy.reshape(-1), parts[:copy.numel()]), (m, name)
         for field in ("dense", "mask", "master", "exp_avg", "exp_avg_sq"):
             if f"{m}.{field}" in tag:
-                assert torch.equal(tag[f"{m}.{field}"], other[f"{m}.{field}"]), (m, field)
+                assert all(torch.equal(tag[f"{m}.{field}"], t[f"{m}.{field}"]) for t in tags[1:]), (m, field)
         dense, mask = tag[f"{m}.dense"], tag[f"{m}.mask"]
         assert torch.equal(dense[mask], tag[f"{m}.train_values"])
         assert torch.equal(tag[f"{m}.master"].to(dense.dtype), tag[f"{m}.train_values"])  # master and parameter agree
@@ -85,7 +87,7 @@ def check_redraws(ranks: dict, every: int, steps: int) -> dict[str, int]:
                                                                             for w in ("before", "after"))])
     counts = {"matrices": len(matrices), "kept": 0, "new": 0, "whole_copies": 0, "frozen_b_nonzero": 0}
     for tag in tags:
-        counts["whole_copies"] += check_partitions(ranks[0][tag], ranks[1][tag], matrices)
+        counts["whole_copies"] += check_partitions([ranks[r][tag] for r in sorted(ranks)], matrices)
     for step in redraws:
         before, after = tags[f"before{step}"], tags[f"after{step}"]
         for m in matrices:
@@ -153,6 +155,7 @@ def test_redraw_keeps_values_and_moves_optimizer_state(zero3_redrawn):
 # two of the four layers (fetched whole, their adapters rebuilt together) and keeps two (fetched per module).
 # 12 steps, a redraw every 4: the loss of the last 5 is below that of the first 5.
 OFFLOAD_EVERY, OFFLOAD_STEPS = 4, 12
+PARTITIONED = "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"  # no whole copies
 
 
 @pytest.mark.parametrize("ds_config, extra", [
@@ -162,7 +165,7 @@ OFFLOAD_EVERY, OFFLOAD_STEPS = 4, 12
 def test_offload_config_trains_partitions_and_redraws(tiny_out, ds_config, extra):
     ranks = probed_run(tiny_out, ds_config, f"deepspeed.config={ds_config}", f"lorasp.resample_every={OFFLOAD_EVERY}",
                        f"train.max_steps={OFFLOAD_STEPS}", "train.save_every=0", "train.gradient_checkpointing=true",
-                       "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0", *extra)
+                       PARTITIONED, *extra)
     counts = check_redraws(ranks, OFFLOAD_EVERY, OFFLOAD_STEPS)
     print(f"{ds_config}: {counts}")
     assert counts["whole_copies"] == 0
@@ -172,6 +175,27 @@ def test_offload_config_trains_partitions_and_redraws(tiny_out, ds_config, extra
         for rank in (0, 1):
             table = (run / "profile" / f"rank{rank}_steps3-4.md").read_text()
             assert "host self-CPU time" in table and "aten::" in table
+
+
+def test_four_ranks_partition_redraw_and_plan_their_adapter(tiny_out):
+    """World size 4 (the 4-GPU scaling run's), on 2 cores: ratio 0.3 pads partitions four ways. Every rank holds a
+    quarter of the parameters, the redraws keep every invariant above on all four, and each rank's adapter bytes,
+    counted from its tensors, are the plan's for 4 ranks."""
+    ranks = probed_run(tiny_out, "four", "deepspeed.config=zero3_offload_all", "lorasp.ratio=0.3",
+                       f"lorasp.resample_every={OFFLOAD_EVERY}", f"train.max_steps={OFFLOAD_STEPS}",
+                       "train.save_every=0", PARTITIONED, nproc=4)
+    counts = check_redraws(ranks, OFFLOAD_EVERY, OFFLOAD_STEPS)
+    print(f"4 ranks: {counts}")
+    run = tiny_out / "four"
+    for rank in range(4):
+        part = json.loads((run / "partition" / f"rank{rank}.json").read_text())
+        assert part["world_size"] == 4 and 0.24 <= part["param_bytes_local"] / part["param_bytes_total"] <= 0.26
+    report = json.loads((run / "memory_report.json").read_text())
+    assert report["world_size"] == report["plan"]["world_size"] == 4 and set(report["adapter"]) == {"0", "1", "2", "3"}
+    planned = report["plan"]["adapter"]
+    for counted in report["adapter"].values():  # gradients: the plan adds the optimizer step's fp32 copy
+        assert {k: counted[k] for k in ("params", "frozen", "masks", "optimizer")} == \
+            {k: planned[k] for k in ("params", "frozen", "masks", "optimizer")}, (counted, planned)
 
 
 def test_resume_across_a_redraw_matches_uninterrupted(zero3_redrawn):
