@@ -40,6 +40,19 @@ def gpus() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def ranks(requested: int | None) -> int:
+    """--gpus, checked against the machine: a run on more GPUs than it has would fail only once its ranks start."""
+    if requested is None:
+        return gpus()
+    import torch
+
+    have = torch.cuda.device_count()
+    if requested < 1 or (have and requested > have):
+        raise SystemExit(f"error: --gpus = {requested}: this machine has {have} GPU(s); give 1 to {have}"
+                         if have else f"error: --gpus = {requested}: give 1 or more (ranks on the CPU)")
+    return requested
+
+
 def ensure_base(preset: str, bases: Path) -> Path:
     out = bases / preset
     if not (out / "config.json").is_file():
@@ -51,8 +64,8 @@ def ensure_base(preset: str, bases: Path) -> Path:
 def train_cmd(via: str, n: int, overrides: list[str]) -> list[str]:
     config = str(REPO / "examples" / "bench.yaml")
     if via == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "lorasp_dist",
-                "train", config, *overrides]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m",
+                "lorasp_dist", "train", config, *overrides]  # --standalone: a free port, as compare.py's
     return [sys.executable, "-m", "lorasp_dist", "launch", config, *overrides, "--num-workers", str(n),
             "--gpus-per-worker", "1" if n and _cuda() else "0", "--force"]
 
@@ -140,7 +153,10 @@ def main() -> int:
                    "wrote them) instead of running anything; --preset and --micro-batch describe them")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more config overrides for every run, e.g. train.profile_steps=[5] deepspeed.fetch=module")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="ranks a run uses: every local GPU by default (1 on a machine without one)")
     a = p.parse_args()
+    n = ranks(a.gpus)
 
     if a.configs:
         configs = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2])) for c in a.configs]
@@ -154,7 +170,6 @@ def main() -> int:
     ctx = context(run_id)
     if a.collect:
         return collect_only(a, ctx)
-    n = gpus()
     rows, records, reports = [], [], []
     for preset, ds, mbs in configs:
         base = ensure_base(preset, work / "bases")
