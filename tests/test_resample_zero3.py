@@ -1,4 +1,5 @@
-"""Mask redraws (`lorasp.resample_every`) under real DeepSpeed ZeRO-3: 2 CPU ranks (gloo), the tiny 4-bit model.
+"""Mask redraws (`lorasp.resample_every`) under real DeepSpeed ZeRO-3: 2 CPU ranks (gloo, and 4 in one run), the tiny
+4-bit model.
 
 tests/zero3_probe.py runs the real recipe and records, around every redraw, what DeepSpeed holds on each rank: the
 gathered matrices, the optimizer's fp32 master and Adam moments, each rank's partitions and persistent full copies.
