@@ -59,5 +59,6 @@ def test_cpu_run_report_matches_plan(out_dir, name):
         errors[rank] = (measured - predicted) / predicted
         # the baseline too: ~310 MiB, 30-60 MiB more where the libraries were just written (.ci/setup's last step)
         print(f"{name} rank {rank}: RSS delta {measured / 2**20:.1f} MiB, predicted {predicted / 2**20:.1f} MiB, "
-              f"error {errors[rank]:+.1%}; baseline {summary['host_baseline_rss_bytes'] / 2**20:.1f} MiB")
+              f"error {errors[rank]:+.1%}; baseline {summary['host_baseline_rss_bytes'] / 2**20:.1f} MiB, "
+              f"{summary['host_baseline_shared_bytes'] / 2**20:.1f} of it shared")
     assert all(abs(e) <= TOLERANCE for e in errors.values()), errors

@@ -125,6 +125,7 @@ def test_report_from_two_ranks(run_dir):
         r = report["ranks"][rank]
         lines = read_lines(run_dir / "memory" / f"rank{rank}.jsonl")
         assert r["host_baseline_rss_bytes"] == lines[0]["host_rss_bytes"]
+        assert 0 < r["host_baseline_shared_bytes"] == lines[0]["host_rss_shared_bytes"] < lines[0]["host_rss_bytes"]
         assert r["host_rss_delta_bytes"] >= 0.95 * alloc * MB  # the load allocation is still held by the later phases
         assert r["cuda_reserved_peak_bytes"] is None and r["nvml_used_peak_bytes"] is None
         assert list(r["phases"]) == ["load", "forward", "backward", "step", "checkpoint"]
@@ -154,6 +155,8 @@ def test_report_from_two_ranks(run_dir):
            f"per rank): {with_runtime / GB:.3g} GB" in md and "neither side counts it" in md
     assert "**GiB** (2^30 bytes)" in md and "**GB** (10^9 bytes)" in md
     assert "![memory_timeline.png](memory_timeline.png)" in md
+    shared = report["ranks"]["0"]["host_baseline_shared_bytes"] / GiB
+    assert f"rank 0 {report['ranks']['0']['host_baseline_rss_bytes'] / GiB:.2f} GiB ({shared:.2f} of it shared" in md
 
 
 def test_report_compares_the_host_peak_outside_checkpoints(tmp_path):

@@ -121,10 +121,11 @@ def summarize_rank(records: list[dict]) -> dict:
             "cuda_reserved_peak_bytes": _peak(r["cuda_reserved_peak_bytes"] for r in rs),
             "nvml_used_peak_bytes": _peak(r["nvml_used_peak_bytes"] for r in rs),
         }
-    baselines = [r["host_rss_bytes"] for r in records if r["phase"] == "baseline"]
+    baselines = [r for r in records if r["phase"] == "baseline"]
     return {
         "phases_recorded": len(phases),
-        "host_baseline_rss_bytes": baselines[0] if baselines else None,
+        "host_baseline_rss_bytes": baselines[0]["host_rss_bytes"] if baselines else None,
+        "host_baseline_shared_bytes": baselines[0].get("host_rss_shared_bytes") if baselines else None,
         "host_rss_peak_bytes": _peak(r["host_rss_peak_bytes"] for r in records),
         "host_rss_delta_bytes": max(deltas) if deltas else None,
         "cuda_allocated_peak_bytes": _peak(r["cuda_allocated_peak_bytes"] for r in phases),
@@ -312,7 +313,9 @@ def render_markdown(report: dict, charts: list[str]) -> str:
             for r, s in ranks.items() for c in s["comparison"]]
     md += _table(["rank", "quantity", "measured (GiB)", "predicted (GiB)", "predicted as", "error"], rows,
                  right=[0, 2, 3, 5])
-    base = "; ".join(f"rank {r} {_gib(s['host_baseline_rss_bytes'])} GiB" for r, s in ranks.items())
+    base = "; ".join(f"rank {r} {_gib(s['host_baseline_rss_bytes'])} GiB" + (
+        f" ({_gib(s['host_baseline_shared_bytes'])} of it shared: libraries' pages, sized by the page cache)"
+        if s.get("host_baseline_shared_bytes") is not None else "") for r, s in ranks.items())
     md += [f"Baseline RSS (after the imports, before the model was loaded): {base}.", ""]
 
     if plan:

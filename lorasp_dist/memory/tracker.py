@@ -5,7 +5,7 @@ A daemon thread polls host RSS and, on CUDA runs with nvidia-ml-py installed, th
 GPU (which also sees the CUDA context and NCCL buffers that PyTorch's allocator does not). Entering a phase resets
 the peaks, leaving it writes them. On CPU runs every GPU field is null, never 0: absent is not the same as empty.
 
-Cost per phase: two RSS reads, on CUDA one allocator-stats call and two NVML reads, one line write; no device sync
+Cost per phase: three RSS reads, on CUDA one allocator-stats call and two NVML reads, one line write; no device sync
 (about 50 µs on CPU, 110 µs on an H100: well under 1% of a step).
 """
 
@@ -168,6 +168,9 @@ class MemoryTracker:
             "phase": phase,
             "host_rss_bytes": rss,
             "host_rss_peak_bytes": rss_peak,
+            # Of the RSS now, the pages shared with files and other processes (libraries' code, Ray's object store):
+            # reclaimable, and on Linux sized by the page cache's state, not by this run (README, "Host RSS").
+            "host_rss_shared_bytes": getattr(self._proc.memory_info(), "shared", None),
             # Null on CPU runs. Retries and OOMs are cumulative since the process started.
             "cuda_allocated_peak_bytes": cuda["allocated"] if cuda else None,
             "cuda_reserved_peak_bytes": cuda["reserved"] if cuda else None,
