@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, append_records, context, new_run_id, write_summary  # noqa: E402
-from run import ensure_base, gpus, ranks  # noqa: E402
+from run import ensure_base, ranks  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 OURS = ("lorasp", "lorasp-torchrun")  # ours in ratios: the launcher's runs, else torchrun's
@@ -105,7 +105,7 @@ def main() -> int:
     if a.merge:
         return merge(a.merge, Path(a.results))
 
-    counts = [ranks(n) for n in a.gpus] if a.gpus else [gpus()]
+    counts = [ranks(n) for n in a.gpus or [None]]  # None: every local GPU
     compare_id = new_run_id(f"compare-{a.preset}")
     ctx = context(compare_id)
     base = ensure_base(a.preset, Path(a.work) / "bases")

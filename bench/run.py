@@ -156,7 +156,6 @@ def main() -> int:
     p.add_argument("--gpus", type=int, default=None,
                    help="ranks a run uses: every local GPU by default (1 on a machine without one)")
     a = p.parse_args()
-    n = ranks(a.gpus)
 
     if a.configs:
         configs = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2])) for c in a.configs]
@@ -170,6 +169,7 @@ def main() -> int:
     ctx = context(run_id)
     if a.collect:
         return collect_only(a, ctx)
+    n = ranks(a.gpus)
     rows, records, reports = [], [], []
     for preset, ds, mbs in configs:
         base = ensure_base(preset, work / "bases")
