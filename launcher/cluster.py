@@ -151,7 +151,7 @@ def _gpu_bytes() -> int:
 
 
 def gpu_memory(cfg: RunConfig) -> int | None:
-    """One GPU's memory, the memory plan's budget per rank: `memory.gpu_mem`, else read on a GPU of the cluster
+    """The memory plan's budget per rank: `memory.gpu_mem`, else a rank's share of a GPU of the cluster, read there
     (None for CPU workers, or when no GPU answers in time: the plan then checks host memory only)."""
     lc = cfg.launcher
     if cfg.memory.gpu_mem is not None or not lc.gpus_per_worker:
@@ -161,7 +161,7 @@ def gpu_memory(cfg: RunConfig) -> int | None:
     if not done:
         ray.cancel(ref, force=True)
         return None
-    return ray.get(done[0])
+    return int(ray.get(done[0]) * min(lc.gpus_per_worker, 1))  # ranks sharing a GPU share its memory
 
 
 @ray.remote(num_cpus=0)

@@ -127,9 +127,8 @@ def describe(plan: LaunchPlan) -> str:
 
     cfg, lc = plan.cfg, plan.cfg.launcher
     each = ", ".join(f"{v:g} {k}" for k, v in worker_resources(cfg).items())
-    backend = "nccl" if lc.gpus_per_worker else "gloo"
     return "\n".join([
-        f"workers:  {lc.num_workers} Ray Train workers x ({each}), torch backend {backend}",
+        f"workers:  {lc.num_workers} Ray Train workers x ({each}), torch backend {lc.torch_backend}",
         f"cluster:  {plan.address}",
         f"run dir:  {plan.run_dir}",
         f"restarts: up to {lc.max_failures}, from the newest of the last {cfg.train.keep_last} checkpoints "
@@ -226,7 +225,7 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
         train_worker,
         # secrets apart, in the object store: Ray Train keeps (and shows) the config it is given
         train_loop_config={"config": cfg.redacted(), "secrets": ray.put(cfg.secret_env()), "run_dir": str(run_dir)},
-        torch_config=TorchConfig(backend="nccl" if lc.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend=lc.torch_backend),
         scaling_config=ScalingConfig(
             num_workers=lc.num_workers, use_gpu=lc.gpus_per_worker > 0, resources_per_worker=worker_resources(cfg)
         ),

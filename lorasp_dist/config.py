@@ -204,6 +204,11 @@ class LauncherConfig(_Section):
     object_store_memory: int | None = Field(None, gt=0)  # bytes; None: 256 MiB on a local instance
     memory_monitor: bool = False  # Ray's OOM killer would kill CPU-offload ranks that legitimately hold host RAM
 
+    @property
+    def torch_backend(self) -> str:
+        # NCCL puts one rank on a GPU; ranks sharing one (gpus_per_worker < 1) talk over gloo, as CPU ranks do.
+        return "nccl" if self.gpus_per_worker >= 1 else "gloo"
+
 
 class MemoryConfig(_Section):
     enabled: bool = True

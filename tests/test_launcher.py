@@ -632,6 +632,10 @@ def test_dry_run_starts_nothing(ray_env, tmp_path):
     assert "run_name: dry" in proc.stdout and "# memory plan" in proc.stdout
     assert not (tmp_path / "dry").exists()
     assert not ray_pids(ray_env["RAY_TMPDIR"])
+    # NCCL puts one rank on a GPU: ranks that share one are given gloo
+    for share, backend in (("1", "nccl"), ("0.5", "gloo")):
+        proc = launch(ray_env, "--dry-run", f"launcher.gpus_per_worker={share}", timeout=120)
+        assert f"x (1 CPU, {share} GPU), torch backend {backend}" in proc.stdout, proc.stderr[-3000:]
 
 
 def _can_hide_a_directory() -> bool:

@@ -76,8 +76,14 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
         # on a first run). Only tensor-parallel inference calls it (inference_all_reduce), never a training step.
         # __compatible_ops__ is DeepSpeed's cached probe of its ops, kept in one dict so that edits to it hold.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    shared = cuda and torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if shared:
+        # More ranks than GPUs on this node (launcher.gpus_per_worker < 1). DeepSpeed reads LOCAL_RANK as the device
+        # index, so each rank is told its GPU's; NCCL refuses two ranks on one GPU, gloo does not.
+        local_rank %= torch.cuda.device_count()
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda and not shared else "gloo", verbose=False)
     if cuda:
         torch.cuda.set_device(local_rank)
         if cfg.memory.gpu_mem:  # a budget below the GPU's size is a cap: a plan for a 24 GiB card runs as one
