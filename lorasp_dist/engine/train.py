@@ -81,6 +81,9 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     if shared:
         # More ranks than GPUs on this node (launcher.gpus_per_worker < 1). DeepSpeed reads LOCAL_RANK as the device
         # index, so each rank is told its GPU's; NCCL refuses two ranks on one GPU, gloo does not.
+        if local_rank == 0:  # also what a scheduler that shows each rank only its own GPU looks like: say so
+            print(f"[lorasp] {os.environ['LOCAL_WORLD_SIZE']} ranks on this node see {torch.cuda.device_count()} "
+                  "GPU(s): they share them and talk over gloo (NCCL puts one rank on a GPU)", flush=True)
         local_rank %= torch.cuda.device_count()
         os.environ["LOCAL_RANK"] = str(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda and not shared else "gloo", verbose=False)
