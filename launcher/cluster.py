@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -87,8 +88,11 @@ def connect(cfg: RunConfig) -> None:
     # so that it never leaks to a wrong address; without it, a token-protected cluster answers "unauthenticated"
     # and Ray's client retries forever.
     hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else ", or token authentication: export RAY_AUTH_MODE=token"
+    # Only the GCS's answer is bounded: ray.init sets its node once the GCS has answered (it logs "Connected to Ray
+    # cluster"); registering this driver after that may take longer than the bound on a busy node, and ends.
     with _deadline(CONNECT_TIMEOUT_S, f"launcher.address = '{lc.address}': no answer from a Ray cluster within "
-                   f"{CONNECT_TIMEOUT_S} s (a port that is not Ray's GCS, a token that does not match{hint})"):
+                   f"{CONNECT_TIMEOUT_S} s (a port that is not Ray's GCS, a token that does not match{hint})",
+                   answered=lambda: ray._private.worker._global_node is not None):
         try:
             ray.init(address=lc.address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
@@ -103,15 +107,16 @@ def _split_address(address: str) -> tuple[str, int]:
 
 
 class _deadline:
-    """Ends the process with exit 2 and `message` if the block runs past `seconds`. ray.init blocks in C++, where
-    neither an exception nor a Python signal handler reaches it, so a watchdog thread is the only bound there is."""
+    """Ends the process with exit 2 and `message` if the block runs past `seconds` while `answered()` is false.
+    ray.init blocks in C++, where neither an exception nor a Python signal handler reaches it, so a watchdog thread
+    is the only bound there is."""
 
-    def __init__(self, seconds: float, message: str):
-        self.seconds, self.message = seconds, message
+    def __init__(self, seconds: float, message: str, answered: Callable[[], bool] = lambda: False):
+        self.seconds, self.message, self.answered = seconds, message, answered
         self._done = threading.Event()
 
     def _watch(self) -> None:
-        if not self._done.wait(self.seconds):
+        if not self._done.wait(self.seconds) and not self.answered():
             os.write(2, f"error: {self.message}\n".encode())
             os._exit(2)
 

@@ -625,6 +625,19 @@ def test_bad_input_fails_before_ray_starts(ray_env, tmp_path):
     assert not list(Path(ray_env["RAY_TMPDIR"]).rglob("session_*")) and not ray_pids(ray_env["RAY_TMPDIR"])
 
 
+def test_connect_deadline_bounds_only_the_wait_for_an_answer():
+    """The watchdog on joining a cluster ends a launch that no GCS answers, and spares one whose GCS answered but
+    whose driver registers slowly: CI once saw "Connected to Ray cluster", then the 20-s error, on a loaded host."""
+    code = ("import sys, time\nfrom launcher.cluster import _deadline\n"
+            "with _deadline(0.3, 'no answer', answered=lambda: sys.argv[1] == 'yes'):\n    time.sleep(1.5)\n"
+            "print('through')")
+    for answered, rc, out in (("yes", 0, "through"), ("no", 2, "")):
+        proc = subprocess.run([sys.executable, "-c", code, answered], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert (proc.returncode, proc.stdout.strip()) == (rc, out), proc.stderr[-2000:]
+    assert proc.stderr.strip().endswith("error: no answer")
+
+
 def test_dry_run_starts_nothing(ray_env, tmp_path):
     proc = launch(ray_env, "--dry-run", f"train.output_dir={tmp_path}", "train.run_name=dry", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
