@@ -111,7 +111,7 @@ class _deadline:
     ray.init blocks in C++, where neither an exception nor a Python signal handler reaches it, so a watchdog thread
     is the only bound there is."""
 
-    def __init__(self, seconds: float, message: str, answered: Callable[[], bool] = lambda: False):
+    def __init__(self, seconds: float, message: str, answered: Callable[[], bool]):
         self.seconds, self.message, self.answered = seconds, message, answered
         self._done = threading.Event()
 
