@@ -92,7 +92,8 @@ def connect(cfg: RunConfig) -> None:
     # cluster"); registering this driver after that may take longer than the bound on a busy node, and ends.
     with _deadline(CONNECT_TIMEOUT_S, f"launcher.address = '{lc.address}': no answer from a Ray cluster within "
                    f"{CONNECT_TIMEOUT_S} s (a port that is not Ray's GCS, a token that does not match{hint})",
-                   answered=lambda: ray._private.worker._global_node is not None):
+                   # getattr: should a Ray release rename this private field, the bound stays as it was
+                   answered=lambda: getattr(ray._private.worker, "_global_node", None) is not None):
         try:
             ray.init(address=lc.address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
