@@ -1,6 +1,7 @@
 """Issue 17's engine-vs-study comparison: the study's LoRA-SP and LoRA runs again, through the product.
 
     python bench/quality_engine.py --gguf smollm2 --work /tmp/lq/work --resume --time-budget 540   # 2 GPUs
+    python bench/quality_engine.py ... --gpus-per-worker 0.5 --jobs 3      # 1 GPU: 3 launches of 2 ranks share it
     python bench/quality_engine.py --base DIR --bigbench-dir DIR --tasks T --steps 6 ...           # any size, CPU too
 
 For each task, variant (lorasp, lora) and seed:
@@ -21,7 +22,8 @@ records are permuted so that the engine's shuffle with data.seed = SEED gives th
 order (lorasp_dist.data.micro_batch_indices) does not depend on the world size, so the ranks of a step together read
 the study's rows of that step. Both are checked before every launch (`same_rows`), as is the tokenizer that `lorasp
 eval` reads from the adapter, against the study's (`same_rendering`). Engine runs go to OUT/engine_runs.jsonl (one
-line a run); --resume skips those it holds, --time-budget stops before a run that would end after it.
+line a run); --resume skips those it holds, --time-budget stops before a run that would end after it. --jobs N
+keeps N launches going at once: the study's model is small, so one launch leaves most of a GPU and of the host idle.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -103,12 +107,14 @@ def parse_args(argv=None):
                    help="engine micro-batches per step; the micro-batch is --batch-size / (ranks x this)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default: 1 with CUDA, else 0")
     p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="engine runs at once; without --address each launch starts a Ray instance of its own")
     p.add_argument("--address", default=None, help="a Ray cluster to join (auto or HOST:PORT; default: a local one)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="reuse the runs OUT/study and OUT/engine_runs.jsonl hold")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; start no run that would end after it")
     a = p.parse_args(argv)
-    for flag, value in (("--num-workers", a.num_workers), ("--grad-accum", a.grad_accum)):
+    for flag, value in (("--num-workers", a.num_workers), ("--grad-accum", a.grad_accum), ("--jobs", a.jobs)):
         if value < 1:
             p.exit(2, f"error: {flag} = {value}: a whole number >= 1\n")
     if a.batch_size % (a.num_workers * a.grad_accum):
@@ -235,16 +241,10 @@ def lorasp_eval(run_dir: Path, task: dict, a, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def engine_run(a, qa, base: Path, task: dict, study_rows, tok, variant: str, seed: int, lr: float,
-               work: Path, checked: set) -> dict:
-    """One `lorasp launch` and its `lorasp eval`; `checked` holds the (task, seed) whose rows are known the same."""
+def engine_run(a, qa, base: Path, task: dict, variant: str, seed: int, lr: float, data: Path, work: Path) -> dict:
+    """One `lorasp launch` and its `lorasp eval`, on `data` (seed_records', checked by same_rows before)."""
     start = time.perf_counter()
-    data = seed_records(task["dir"], seed, work / "data" / task["dir"].name / f"seed{seed}.jsonl")
     cfg = engine_config(a, qa, base, task, variant, seed, lr, data, work / "runs")
-    if (data, seed) not in checked:  # the rows do not depend on the variant: checked once per task and seed
-        if not same_rows(study_rows, cfg, tok, seed, a):
-            raise SystemExit(f"[engine-study] {task['dir'].name} seed {seed}: the engine's rows are not the study's")
-        checked.add((data, seed))
     here = work / "runs-setup" / cfg.train.run_name
     here.mkdir(parents=True, exist_ok=True)
     (here / "config.yaml").write_text(cfg.to_yaml())
@@ -356,34 +356,55 @@ def main(argv=None) -> int:
     todo = len(tasks) * len(a.variants) * len(a.seeds) - done
     print(f"[engine-study] {todo} engine runs to do ({done} done), {a.steps} steps x {a.batch_size} rows x "
           f"{a.max_seq_len} tokens each, {a.num_workers} ranks", flush=True)
-    checked: set = set()
-    for name, task in tasks.items():
-        study_rows = None
-        for v in a.variants:
-            lr = quality.best_lr(study, name, v, a.seeds[0], qa.lrs["adapter"])
-            for seed in a.seeds if lr is not None else []:
-                if quality.run_key(name, v, seed, lr) in engine:
-                    continue
-                left = budget()
-                if left is not None and (left <= 0 or (walls and left < max(walls))):
-                    print("[engine-study] stopped by --time-budget; the same command with --resume goes on",
-                          flush=True)
-                    write_record(a, qa, tasks, study, engine, run_id, study_argv(a, base))
-                    return 0
-                if study_rows is None:  # the study's packing (data seed 0), built once per task
-                    study_rows = build_datasets(quality.run_config(qa, base, task, lr), tok)[0]
-                r = engine_run(a, qa, base, task, study_rows, tok, v, seed, lr, work / "engine", checked)
-                r = {"study": "quality-engine", **{k: ctx[k] for k in ("run_id", "date", "git_rev", "device",
-                                                                       "command")},
-                     "settings_key": key, "task": name, "metric": task["metric"], "variant": v, "seed": seed, **r}
-                out.mkdir(parents=True, exist_ok=True)
-                quality.append_line(engine_path, json.dumps(r))
-                engine[quality.run_key(name, v, seed, lr)] = r
-                walls.append(r["wall_s"])
-                same = study.get(quality.run_key(name, v, seed, lr))
-                print(f"[engine-study] {name} {v} seed={seed} lr={lr}: engine test {r['test']:.3f}, study "
-                      f"{same['test'] if same else 'not run'} (launch {r['launch_s']:.0f} s, eval "
-                      f"{r['eval_s']:.0f} s, {r['step_s']:.2f} s a step)", flush=True)
+    pending = [(name, v, seed, lr) for name in tasks for v in a.variants
+               for lr in [quality.best_lr(study, name, v, a.seeds[0], qa.lrs["adapter"])] if lr is not None
+               for seed in a.seeds if quality.run_key(name, v, seed, lr) not in engine]
+    stop = threading.Event()  # set by --time-budget or by a failed run: no further run starts
+
+    def out_of_time() -> bool:
+        left = budget()
+        return left is not None and (left <= 0 or (walls and left < max(walls)))
+
+    # Each (task, seed)'s records, written and checked here, before any run: concurrent runs then only read them.
+    data: dict[tuple, Path] = {}
+    study_rows: dict[str, object] = {}  # the study's packing (data seed 0), built once per task
+    for name, v, seed, lr in pending:
+        if (name, seed) in data or out_of_time():
+            continue
+        task = tasks[name]
+        if name not in study_rows:
+            study_rows[name] = build_datasets(quality.run_config(qa, base, task, lr), tok)[0]
+        records = seed_records(task["dir"], seed, work / "engine" / "data" / name / f"seed{seed}.jsonl")
+        cfg = engine_config(a, qa, base, task, v, seed, lr, records, work / "engine" / "runs")
+        if not same_rows(study_rows[name], cfg, tok, seed, a):  # the rows do not depend on the variant
+            raise SystemExit(f"[engine-study] {name} seed {seed}: the engine's rows are not the study's")
+        data[name, seed] = records
+
+    def run(name: str, v: str, seed: int, lr: float) -> None:
+        if stop.is_set() or (name, seed) not in data or out_of_time():
+            stop.set()
+            return
+        try:
+            r = engine_run(a, qa, base, tasks[name], v, seed, lr, data[name, seed], work / "engine")
+        except BaseException:
+            stop.set()
+            raise
+        r = {"study": "quality-engine", **{k: ctx[k] for k in ("run_id", "date", "git_rev", "device", "command")},
+             "settings_key": key, "task": name, "metric": tasks[name]["metric"], "variant": v, "seed": seed, **r}
+        quality.append_line(engine_path, json.dumps(r))
+        engine[quality.run_key(name, v, seed, lr)] = r
+        walls.append(r["wall_s"])
+        same = study.get(quality.run_key(name, v, seed, lr))
+        print(f"[engine-study] {name} {v} seed={seed} lr={lr}: engine test {r['test']:.3f}, study "
+              f"{same['test'] if same else 'not run'} (launch {r['launch_s']:.0f} s, eval {r['eval_s']:.0f} s, "
+              f"{r['step_s']:.2f} s a step)", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(a.jobs) as pool:  # each run is two subprocesses: threads only wait on them
+        for f in [pool.submit(run, *p) for p in pending]:
+            f.result()
+    if stop.is_set():
+        print("[engine-study] stopped by --time-budget; the same command with --resume goes on", flush=True)
     write_record(a, qa, tasks, study, engine, run_id, study_argv(a, base))
     return 0
 

@@ -51,10 +51,9 @@ def test_seed_records_make_the_engine_pack_the_studys_rows(tmp_path, chat_base):
 
 
 def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster, monkeypatch, capsys):
-    """One seed of LoRA-SP through both paths (lora differs only in lorasp.variant, and a second seed only in the
-    rows' order and the masks: test_compare_judges_the_difference_against_seed_noise takes the comparison over
-    seeds; one launch keeps this short). The script's main() runs in this process, with the environment its launches
-    need: a process of its own would spend seconds a call importing torch."""
+    """One seed of LoRA-SP through both paths (lora differs only in lorasp.variant), then two more seeds at once
+    (--jobs 2). The script's main() runs in this process, with the environment its launches need: a process of its
+    own would spend seconds a call importing torch."""
     head, env = ray_cluster
     for key, value in {**env, "OMP_NUM_THREADS": "1"}.items():
         monkeypatch.setenv(key, value)
@@ -115,6 +114,21 @@ def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster, monkeypatc
     md = (out / "engine-vs-study.md").read_text()
     assert "| toy_parity | multiple_choice | lorasp |" in md and "not identical" in md
     assert "no (task, variant) has two seeds on both sides yet" in md
+
+    # --jobs 2: seeds 1 and 2 launched at once (half a CPU a rank, so both fit the 2-CPU cluster together), each on
+    # its own records; each follows its own seed's study run, so no launch read another's rows, masks or output
+    code, stdout, stderr = call("--resume", "--seeds", "0", "1", "2", "--jobs", "2", "--cpus-per-worker", "0.5")
+    assert code == 0 and stdout.count("engine test") == 2, stdout[-3000:] + stderr[-5000:]
+    study = {r["seed"]: r for r in map(json.loads, (out / "study" / "runs.jsonl").read_text().splitlines())
+             if r["variant"] == "lorasp"}
+    engine = {r["seed"]: r for r in map(json.loads, (out / "engine_runs.jsonl").read_text().splitlines())}
+    assert sorted(engine) == [0, 1, 2] and len({r["run_dir"] for r in engine.values()}) == 3
+    for seed in (1, 2):
+        assert engine[seed]["same_rows"] and engine[seed]["same_rendering"]
+        assert engine[seed]["loss_curve"] == pytest.approx(study[seed]["loss_curve"], rel=1e-3)
+    assert engine[1]["loss_curve"] != engine[2]["loss_curve"]
+    (row,) = json.loads((out / "engine-vs-study.json").read_text())["rows"]
+    assert row["seeds"] == 3 and row["noise"] is not None
 
 
 def test_compare_judges_the_difference_against_seed_noise():
