@@ -6,6 +6,7 @@
     python bench/quality.py --smoke --bigbench-dir DIR --base DIR --out /tmp/q # CI-sized: 2 tasks, 1 seed, few steps
     python bench/quality.py ... --base-4bit --out DIR2                         # the base in NF4, as the engine loads it
     python bench/quality.py ... --eval-every 50                                # validation curves: curves.png
+    python bench/quality.py ... --resume --summary-only                        # results from runs.jsonl alone
     CUDA_VISIBLE_DEVICES=I python bench/quality.py ... --resume --shard I/N    # N processes share the runs
 
 Variants: lorasp (ratio 0.5, fixed masks), lora, lora-fa, full (the whole 135M model) and lorasp-resample (masks
@@ -780,7 +781,8 @@ def write_readme(path: Path, section: str) -> None:
 
 def write_results(out: Path, done: dict, tasks: dict, a, settings: dict, planned: int, run_id: str) -> dict:
     summary = summarize(done, tasks, a, {**settings, "seeds": a.seeds}, planned)
-    ctx = context(run_id)
+    # the device the figures come from: the runs' (a --summary-only call may be on another machine)
+    ctx = {**context(run_id), "device": " + ".join(summary["devices"]) or device_name()}
     cols = ["task", "kind", "variant", "lr", "seeds", "test_mean", "test_std", "trainable", "optimizer_state_bytes",
             "tokens_per_s", "b_zero_fraction", "epochs"]
     notes = [f"status: {'complete' if summary['complete'] else 'incomplete'} "
@@ -846,6 +848,9 @@ def parse_args(argv=None):
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="run only every N-th run of the study, from the I-th (0 <= I < N): N processes split it")
     p.add_argument("--prepare-only", action="store_true", help="import the tasks (and --gguf) into --work, then stop")
+    p.add_argument("--summary-only", action="store_true",
+                   help="write the summary, sweep, charts and README section from runs.jsonl, train nothing (any "
+                        "machine: give the runs' --precision)")
     p.add_argument("--smoke", action="store_true", help="CI-sized: 2 tasks, 1 seed, a few steps, tiny eval caps")
     a = p.parse_args(argv)
     for k, v in (SMOKE if a.smoke else DEFAULTS).items():
@@ -887,7 +892,7 @@ def main(argv=None) -> int:
                           a.device if a.device != "auto" else "cpu")
     if a.precision == "auto":
         a.precision = "bf16-autocast" if device.type == "cuda" else "fp32"
-    if a.precision == "bf16-autocast" and device.type != "cuda":
+    if a.precision == "bf16-autocast" and device.type != "cuda" and not a.summary_only:
         raise SystemExit("--precision bf16-autocast: needs a CUDA device; use fp32 on the CPU")
     settings = settings_of(a, base, a.precision)
     key = settings_key(settings)
@@ -907,6 +912,10 @@ def main(argv=None) -> int:
           f"{todo} runs to do on {device_name() if device.type == 'cuda' else 'CPU'}", flush=True)
 
     run_id = new_run_id("quality")
+    if a.summary_only:
+        write_results(out, done, tasks, a, settings, planned, run_id)
+        print(f"[quality] {planned - runs_left(done, tasks, a)} of {planned} runs: results in {out}", flush=True)
+        return 0
     ctx = context(run_id)
     tok = load_tokenizer(base, "--base")
     base_model = load_study_base(a, base, device)

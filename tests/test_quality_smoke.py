@@ -263,6 +263,10 @@ def test_two_shards_share_one_runs_file(tmp_path, tiny_base, capsys):
     keys = [(r["task"], r["variant"], r["seed"], r["lr"]) for r in runs]
     assert len(keys) == len(set(keys)) == 1 + 2 * (2 + 1)  # zero-shot + 2 variants x (2 rates + 1 more seed)
     assert not (out / "summary.json").exists()  # shards leave the summary to the last call
+    only = quality_here([*args[2:], "--summary-only"], capsys)  # from the records alone: no model, nothing trained
+    assert only.returncode == 0 and "7 of 7 runs" in only.stdout, only.stdout[-3000:] + only.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["complete"] and (out / "README.md").is_file()
+    assert [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()] == runs
     final = quality_here(args[2:], capsys)
     assert final.returncode == 0 and "0 runs to do" in final.stdout, final.stdout[-3000:] + final.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["complete"]
