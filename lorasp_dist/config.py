@@ -195,8 +195,8 @@ class DeepSpeedConfig(_Section):
 
 class LauncherConfig(_Section):
     num_workers: int = Field(2, gt=0)
-    gpus_per_worker: float = Field(0, ge=0)  # 0: CPU workers
-    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, allow_inf_nan=False)  # 0: CPU workers
+    cpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
     address: str | None = None  # None: start a local Ray instance; "auto" or HOST:PORT: join a cluster
     storage_path: Path | None = None  # None: train.output_dir; must be shared by all nodes of a multi-node run
     max_failures: int = Field(2, ge=0)

@@ -62,6 +62,8 @@ BAD = [
     ("train.run_name=/tmp/x", "train.run_name = '/tmp/x': must be one directory name"),
     ("train.run_name=.hidden", "train.run_name = '.hidden': must be one directory name"),
     ("train.run_name=a/b", "train.run_name = 'a/b': must be one directory name"),
+    ("launcher.gpus_per_worker=inf", "launcher.gpus_per_worker = 'inf': must be a finite number"),
+    ("launcher.cpus_per_worker=nan", "launcher.cpus_per_worker = 'nan': must be a finite number"),
 ]
 
 
