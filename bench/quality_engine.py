@@ -117,6 +117,11 @@ def parse_args(argv=None):
     for flag, value in (("--num-workers", a.num_workers), ("--grad-accum", a.grad_accum), ("--jobs", a.jobs)):
         if value < 1:
             p.exit(2, f"error: {flag} = {value}: a whole number >= 1\n")
+    # The shares reach Ray's resource requests, which a nan or inf would fail late, after the study's runs.
+    if a.gpus_per_worker is not None and not (math.isfinite(a.gpus_per_worker) and a.gpus_per_worker >= 0):
+        p.exit(2, f"error: --gpus-per-worker = {a.gpus_per_worker}: a finite number >= 0 (0: CPU ranks)\n")
+    if not (math.isfinite(a.cpus_per_worker) and a.cpus_per_worker > 0):
+        p.exit(2, f"error: --cpus-per-worker = {a.cpus_per_worker}: a finite number > 0\n")
     if a.batch_size % (a.num_workers * a.grad_accum):
         p.exit(2, f"error: --batch-size = {a.batch_size}: must split evenly over --num-workers {a.num_workers} x "
                   f"--grad-accum {a.grad_accum} (the study's rows per step, the same for the engine)\n")

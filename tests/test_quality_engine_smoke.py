@@ -156,3 +156,16 @@ def test_compare_judges_the_difference_against_seed_noise():
     del engine[quality.run_key("toy", "lorasp", 2, lr)]
     (row,), missing = quality_engine.compare(study, engine, {"toy": {"metric": "exact_match"}}, a, qa)
     assert missing == 1 and row["seeds"] == 2 and row["engine"] == pytest.approx(55)
+
+
+@pytest.mark.parametrize("flag, value, accepted", [
+    ("--gpus-per-worker", "inf", "a finite number >= 0"), ("--gpus-per-worker", "-1", "a finite number >= 0"),
+    ("--cpus-per-worker", "nan", "a finite number > 0"), ("--cpus-per-worker", "0", "a finite number > 0"),
+    ("--jobs", "0", "a whole number >= 1"),
+])
+def test_bad_arguments_are_refused_before_any_run(flag, value, accepted, capsys):
+    """Refused by the parser, naming the flag, the value and what is accepted, before the study's runs start."""
+    with pytest.raises(SystemExit) as exc:
+        load_engine_bench().parse_args(["--base", "b", flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag} = {float(value) if flag != '--jobs' else value}" in err and accepted in err
