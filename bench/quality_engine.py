@@ -1,8 +1,9 @@
 """Issue 17's engine-vs-study comparison: the study's LoRA-SP and LoRA runs again, through the product.
 
-    python bench/quality_engine.py --gguf smollm2 --work /tmp/lq/work --resume --time-budget 540   # 2 GPUs
-    python bench/quality_engine.py ... --gpus-per-worker 0.5 --jobs 3      # 1 GPU: 3 launches of 2 ranks share it
-    python bench/quality_engine.py --base DIR --bigbench-dir DIR --tasks T --steps 6 ...           # any size, CPU too
+    python bench/quality_engine.py --gguf smollm2 --work /tmp/lq/work --resume                    # 2 GPUs
+    python bench/quality_engine.py ... --address auto --gpus-per-worker 0.075 --jobs 6  # 1 GPU, 6 launches at once
+    python bench/quality_engine.py --base DIR --bigbench-dir DIR --tasks T --steps 6 ...  # any size, CPU too
+    python bench/quality_engine.py --gguf smollm2 --work /tmp/lq/work --device cuda --record-only  # the record
 
 For each task, variant (lorasp, lora) and seed:
 1. The study: `bench/quality.py --base-4bit` (its own loop in one process, the dense checkpoint quantized to NF4 on
@@ -24,6 +25,7 @@ the study's rows of that step. Both are checked before every launch (`same_rows`
 eval` reads from the adapter, against the study's (`same_rendering`). Engine runs go to OUT/engine_runs.jsonl (one
 line a run); --resume skips those it holds, --time-budget stops before a run that would end after it. --jobs N
 keeps N launches going at once: the study's model is small, so one launch leaves most of a GPU and of the host idle.
+--record-only writes step 3 from OUT's records alone, training nothing (--device cuda: the GPU runs' records).
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="reuse the runs OUT/study and OUT/engine_runs.jsonl hold")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; start no run that would end after it")
+    p.add_argument("--record-only", action="store_true",
+                   help="write engine-vs-study.{json,md} from OUT's records; no training, so any machine")
     a = p.parse_args(argv)
     for flag, value in (("--num-workers", a.num_workers), ("--grad-accum", a.grad_accum), ("--jobs", a.jobs)):
         if value < 1:
@@ -310,13 +314,17 @@ def compare(study: dict, engine: dict, tasks: dict, a, qa) -> tuple[list[dict], 
 def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, study_cmd: list[str]) -> dict:
     rows, missing = compare(study, engine, tasks, a, qa)
     judged = [r for r in rows if r["within_noise"] is not None]
+    runs = sorted((r for r in engine.values() if r["task"] in tasks and r["variant"] in a.variants
+                   and r["seed"] in a.seeds), key=lambda r: (r["task"], r["variant"], r["seed"]))
     ctx = {**context(run_id), "study_command": " ".join(["bench/quality.py", *study_cmd, "--resume"]),
            "complete": missing == 0,
            "engine": {"num_workers": a.num_workers, "micro_batch_size": a.batch_size // (a.num_workers * a.grad_accum),
                       "grad_accum": a.grad_accum, "precision": "bf16" if a.cuda else "fp32",
                       "gpus_per_worker": a.gpus_per_worker, "deepspeed": "zero3", "quantize": "nf4 on load"},
-           "engine_runs": sorted((r for r in engine.values() if r["task"] in tasks and r["variant"] in a.variants
-                                  and r["seed"] in a.seeds), key=lambda r: (r["task"], r["variant"], r["seed"]))}
+           "engine_runs": runs}
+    if runs:  # where the runs were made and by what command: a --record-only call makes them nowhere
+        ctx["device"] = ", ".join(sorted({r["device"] for r in runs}))
+        ctx["engine_commands"] = sorted({r["command"] for r in runs})
     status = "complete" if missing == 0 else f"INCOMPLETE: {missing} (task, variant, seed) pairs lack a run"
     verdict = (f"the engine is within seed noise of the study on {sum(r['within_noise'] for r in judged)} of "
                f"{len(judged)} (task, variant)" if judged else "no (task, variant) has two seeds on both sides yet")
@@ -337,14 +345,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work, out = Path(a.work), Path(a.out)
     engine_path = out / "engine_runs.jsonl"
-    if not a.resume and (engine_path.is_file() or (out / "study" / "runs.jsonl").is_file()):
+    if not a.resume and not a.record_only and (engine_path.is_file() or (out / "study" / "runs.jsonl").is_file()):
         print(f"error: --out = '{out}': already holds runs; pass --resume to go on with them, or choose a new --out",
               file=sys.stderr)
         return 2
     tasks = quality.prepare_tasks(a.tasks, work, a.bigbench_dir)
     base = quality.resolve_base(a, work)
     budget = (lambda: a.time_budget - (time.perf_counter() - started)) if a.time_budget else (lambda: None)
-    run_study(a, base, budget())
+    if not a.record_only:
+        run_study(a, base, budget())
 
     from lorasp_dist.data import build_datasets, load_tokenizer
 
@@ -354,6 +363,9 @@ def main(argv=None) -> int:
     key = engine_key(a, study_key)
     engine = quality.read_runs(engine_path, key)
     run_id = new_run_id("engine-study")
+    if a.record_only:
+        write_record(a, qa, tasks, study, engine, run_id, study_argv(a, base))
+        return 0
     ctx = context(run_id)
     tok = load_tokenizer(base, "--base")
     walls = [r["wall_s"] for r in engine.values()]  # the pace of earlier calls, for --time-budget

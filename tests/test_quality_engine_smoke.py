@@ -127,8 +127,21 @@ def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster, monkeypatc
         assert engine[seed]["same_rows"] and engine[seed]["same_rendering"]
         assert engine[seed]["loss_curve"] == pytest.approx(study[seed]["loss_curve"], rel=1e-3)
     assert engine[1]["loss_curve"] != engine[2]["loss_curve"]
-    (row,) = json.loads((out / "engine-vs-study.json").read_text())["rows"]
+    record = json.loads((out / "engine-vs-study.json").read_text())
+    (row,) = record["rows"]
     assert row["seeds"] == 3 and row["noise"] is not None
+
+    # --record-only (no --resume needed): the same record from the records alone; no study run, no launch
+    records = (out / "engine_runs.jsonl").read_text(), (out / "study" / "runs.jsonl").read_text()
+    for suffix in ("json", "md"):
+        (out / f"engine-vs-study.{suffix}").unlink()
+    code, stdout, stderr = call("--seeds", "0", "1", "2", "--record-only")
+    assert code == 0 and "the study:" not in stdout and "engine test" not in stdout, stdout[-3000:] + stderr[-3000:]
+    again = json.loads((out / "engine-vs-study.json").read_text())
+    assert again["rows"] == record["rows"] and again["engine_runs"] == record["engine_runs"] and again["complete"]
+    assert "--record-only" in again["command"]
+    assert again["engine_commands"] == sorted({r["command"] for r in engine.values()})
+    assert ((out / "engine_runs.jsonl").read_text(), (out / "study" / "runs.jsonl").read_text()) == records
 
 
 def test_compare_judges_the_difference_against_seed_noise():
