@@ -325,10 +325,14 @@ def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, stu
     if runs:  # where the runs were made and by what command: a --record-only call makes them nowhere
         ctx["device"] = ", ".join(sorted({r["device"] for r in runs}))
         ctx["engine_commands"] = sorted({r["command"] for r in runs})
+        ctx["engine_git_revs"] = sorted({r["git_rev"] for r in runs})
     status = "complete" if missing == 0 else f"INCOMPLETE: {missing} (task, variant, seed) pairs lack a run"
     verdict = (f"the engine is within seed noise of the study on {sum(r['within_noise'] for r in judged)} of "
                f"{len(judged)} (task, variant)" if judged else "no (task, variant) has two seeds on both sides yet")
-    notes = [f"status: {status}; {verdict}", *NOTES,
+    made = ([f"the engine runs: {len(runs)}, made by `{'`, `'.join(ctx['engine_commands'])}` at revision "
+             f"{', '.join(ctx['engine_git_revs'])} on {ctx['device']}; the header's command, revision and versions "
+             "are those of the call that wrote this record"] if runs else [])
+    notes = [f"status: {status}; {verdict}", *made, *NOTES,
              f"per seed (points, seeds {a.seeds}): " + "; ".join(
                  f"{r['task']} {r['variant']}: engine {r['engine_tests']}, study {r['study_tests']}" for r in rows)]
     write_summary("engine-vs-study", ctx, rows, COLUMNS, Path(a.out), notes=notes)
