@@ -321,6 +321,26 @@ def test_killed_rank_is_restarted_then_fails_beyond_max_failures(killed, uninter
 
 
 @pytest.mark.slow
+def test_mask_redraws_under_lorasp_launch(ray_cluster, seed_tiny, tmp_path):
+    """lorasp.resample_every through the product's entry point: `lorasp launch` (Ray Train, 2 ranks, ZeRO-3) redraws
+    every mask on schedule on both ranks, and the whole of B moves (with fixed masks its frozen half stays zero).
+    What a redraw does to each rank's partitions and optimizer state: tests/test_resample_zero3.py."""
+    head, env = ray_cluster
+    out = seed_tiny(tmp_path)
+    proc = launch(env, f"train.output_dir={out}", "train.run_name=redrawn", "train.max_steps=8", "train.eval_every=0",
+                  "lorasp.resample_every=2", "--address", head.address)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = out / "redrawn"
+    for rank in (0, 1):  # redrawn before steps 3, 5 and 7, each a phase of its own in the memory report
+        records = map(json.loads, (run / "memory" / f"rank{rank}.jsonl").read_text().splitlines())
+        assert [r["step"] for r in records if r["phase"] == "redraw"] == [3, 5, 7]
+    assert steps_logged(run) == list(range(1, 9))
+    b = [t for k, t in load_file(run / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    zero = sum((t == 0).sum().item() for t in b) / sum(t.numel() for t in b)
+    assert 0 < len(b) and zero < 0.45, zero  # a fixed mask leaves 50% of B at its zero start
+
+
+@pytest.mark.slow
 def test_a_second_run_in_a_run_directory_is_refused(killed):
     """While a run holds its directory, another `lorasp launch --resume` or `lorasp train` of it stops at once."""
     run, _, rivals, _, _ = killed
