@@ -320,8 +320,10 @@ def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, stu
            "complete": missing == 0,
            "engine": {"num_workers": a.num_workers, "micro_batch_size": a.batch_size // (a.num_workers * a.grad_accum),
                       "grad_accum": a.grad_accum, "precision": "bf16" if a.cuda else "fp32",
-                      "gpus_per_worker": a.gpus_per_worker, "deepspeed": "zero3", "quantize": "nf4 on load"},
+                      "deepspeed": "zero3", "quantize": "nf4 on load"},
            "engine_runs": runs}
+    if not a.record_only:  # not part of a run's key: a --record-only call would give its own default
+        ctx["engine"]["gpus_per_worker"] = a.gpus_per_worker
     if runs:  # where the runs were made and by what command: a --record-only call makes them nowhere
         ctx["device"] = ", ".join(sorted({r["device"] for r in runs}))
         ctx["engine_commands"] = sorted({r["command"] for r in runs})
