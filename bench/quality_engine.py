@@ -31,6 +31,8 @@ keeps N launches going at once: the study's model is small, so one launch leaves
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -39,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -345,9 +348,36 @@ def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, stu
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def claim(out: Path):
+    """This process's hold on --out, for its life: a second quality_engine.py on the same --out would launch the
+    runs this one is launching and record them twice. An flock on a file outside --out (which may be a committed
+    results folder), keyed by its resolved path: the kernel drops it when the process ends, crash or not."""
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    f = open(Path(tempfile.gettempdir()) / f"quality_engine-{key}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        print(f"error: --out = '{out}': in use by another quality_engine.py (pid {holder}); wait for it to end, or "
+              "choose a new --out", file=sys.stderr)
+        raise SystemExit(2) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def main(argv=None) -> int:
     started = time.perf_counter()
     a = parse_args(argv)
+    with contextlib.nullcontext() if a.record_only else claim(Path(a.out)):
+        return engine_vs_study(a, started)
+
+
+def engine_vs_study(a, started: float) -> int:
+    """The study's runs, the engine's runs and the record, resuming from what --out holds."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work, out = Path(a.work), Path(a.out)
     engine_path = out / "engine_runs.jsonl"

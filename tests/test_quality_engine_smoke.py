@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -183,3 +184,18 @@ def test_bad_arguments_are_refused_before_any_run(flag, value, accepted, capsys)
         load_engine_bench().parse_args(["--base", "b", flag, value])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"{flag} = {float(value) if flag != '--jobs' else value}" in err and accepted in err
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    """One quality_engine.py per --out: a second one would launch the runs the first is launching. It is refused
+    before it reads or writes anything, naming --out and the holder; the hold ends with its holder."""
+    quality_engine, out = load_engine_bench(), tmp_path / "out"
+    argv = ["--base", "b", "--out", str(out), "--work", str(tmp_path / "work")]
+    with quality_engine.claim(out):
+        with pytest.raises(SystemExit) as exc:
+            quality_engine.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"--out = '{out}': in use" in err and f"(pid {os.getpid()})" in err
+    assert not out.exists() and not (tmp_path / "work").exists()
+    with quality_engine.claim(out):  # released
+        pass
