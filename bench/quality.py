@@ -782,7 +782,7 @@ def write_readme(path: Path, section: str) -> None:
 def write_results(out: Path, done: dict, tasks: dict, a, settings: dict, planned: int, run_id: str) -> dict:
     summary = summarize(done, tasks, a, {**settings, "seeds": a.seeds}, planned)
     # the device the figures come from: the runs' (a --summary-only call may be on another machine)
-    ctx = {**context(run_id), "device": " + ".join(summary["devices"]) or device_name()}
+    ctx = {**context(run_id), "device": ", ".join(summary["devices"]) or device_name()}
     cols = ["task", "kind", "variant", "lr", "seeds", "test_mean", "test_std", "trainable", "optimizer_state_bytes",
             "tokens_per_s", "b_zero_fraction", "epochs"]
     notes = [f"status: {'complete' if summary['complete'] else 'incomplete'} "

@@ -325,8 +325,11 @@ def write_record(a, qa, tasks: dict, study: dict, engine: dict, run_id: str, stu
                       "grad_accum": a.grad_accum, "precision": "bf16" if a.cuda else "fp32",
                       "deepspeed": "zero3", "quantize": "nf4 on load"},
            "engine_runs": runs}
-    if not a.record_only:  # not part of a run's key: a --record-only call would give its own default
-        ctx["engine"]["gpus_per_worker"] = a.gpus_per_worker
+    # Each run's share of a GPU, as it ran (not part of a run's key, so runs at different shares can be mixed);
+    # runs recorded before session 32 lack it.
+    shares = sorted({r["gpus_per_worker"] for r in runs if "gpus_per_worker" in r})
+    if shares:
+        ctx["engine"]["gpus_per_worker"] = shares[0] if len(shares) == 1 else shares
     if runs:  # where the runs were made and by what command: a --record-only call makes them nowhere
         ctx["device"] = ", ".join(sorted({r["device"] for r in runs}))
         ctx["engine_commands"] = sorted({r["command"] for r in runs})
@@ -443,7 +446,8 @@ def engine_vs_study(a, started: float) -> int:
             stop.set()
             raise
         r = {"study": "quality-engine", **{k: ctx[k] for k in ("run_id", "date", "git_rev", "device", "command")},
-             "settings_key": key, "task": name, "metric": tasks[name]["metric"], "variant": v, "seed": seed, **r}
+             "settings_key": key, "task": name, "metric": tasks[name]["metric"], "variant": v, "seed": seed,
+             "gpus_per_worker": a.gpus_per_worker, **r}
         quality.append_line(engine_path, json.dumps(r))
         engine[quality.run_key(name, v, seed, lr)] = r
         walls.append(r["wall_s"])

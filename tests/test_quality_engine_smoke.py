@@ -140,7 +140,10 @@ def test_engine_vs_study_end_to_end(tmp_path, chat_base, ray_cluster, monkeypatc
     assert code == 0 and "the study:" not in stdout and "engine test" not in stdout, stdout[-3000:] + stderr[-3000:]
     again = json.loads((out / "engine-vs-study.json").read_text())
     assert again["rows"] == record["rows"] and again["engine_runs"] == record["engine_runs"] and again["complete"]
-    assert "--record-only" in again["command"] and "gpus_per_worker" not in again["engine"]
+    assert "--record-only" in again["command"]
+    # each run's GPU share is its own record's, not the --record-only call's default
+    assert again["engine"]["gpus_per_worker"] == record["engine"]["gpus_per_worker"] == 0
+    assert {r["gpus_per_worker"] for r in engine.values()} == {0}
     assert again["engine_commands"] == sorted({r["command"] for r in engine.values()})
     assert "the engine runs: 3, made by `" in (out / "engine-vs-study.md").read_text()
     assert ((out / "engine_runs.jsonl").read_text(), (out / "study" / "runs.jsonl").read_text()) == records
