@@ -27,18 +27,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasp_dist.config import ConfigError, RunConfig, load_config
+from lorasp_dist.config import RUN_NAME, ConfigError, RunConfig, load_config
 from lorasp_dist.inputs import check_inputs
 from lorasp_dist.shipped import shipped
 
 TEMPLATE = shipped("slurm/lorasp.sbatch")
 ARGS_LINE = "[ $# -gt 0 ] || set --"
-GPU_COUNT = re.compile(r"^(?:[A-Za-z0-9_.-]+:)?(\d+)$")  # sbatch's --gpus-per-node: [type:]count
+GPU_COUNT = re.compile(r"(?:[A-Za-z0-9_.-]+:)?(\d+)")  # sbatch's --gpus-per-node: [type:]count, matched whole
 
 # What a value may hold, per option: (pattern of the whole value, what to tell the user). No whitespace, quote,
 # backslash, `$`, backtick, `;` or control character anywhere.
 ACCEPTED = {
-    "run name": (r"(?!\.\.?$)[A-Za-z0-9_.+-]+", "one name of letters, digits and _ . + - (not . or ..)"),
+    "run name": (RUN_NAME.pattern, "one directory name: letters, digits, '.', '_' and '-', not starting with '.' "
+                 "(train.run_name's rule: the job passes it on)"),
     "--partition": (r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", "a partition name, or several separated by commas "
                     "(letters, digits and _ . -)"),
     "--account": (r"[A-Za-z0-9_.-]+", "an account name (letters, digits and _ . -)"),
@@ -140,7 +141,7 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     gpus = args.gpus_per_node
     if gpus is None:
         gpus = str(math.ceil(workers_per_node * lc.gpus_per_worker))
-    match = GPU_COUNT.match(gpus)
+    match = GPU_COUNT.fullmatch(gpus)  # not .match: `$` lets a trailing newline through
     if not match:
         raise ConfigError(f"--gpus-per-node = '{gpus}': expected a count or TYPE:COUNT, e.g. 8 or a100:8")
     gpu_count = int(match[1])
@@ -263,6 +264,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def job_record(job_id: str) -> dict[str, str]:
     """What SLURM knows of a job: slurmctld while it remembers it (MinJobAge after the end), else accounting."""
+    # It reaches scontrol's and sacct's command lines (where `--clusters=x` would be an option) and a log's file name.
+    if not re.fullmatch(r"\d+(_\d+)?(\+\d+)?", job_id):
+        raise ConfigError(f"JOBID = {job_id!r}: expected a SLURM job id, e.g. 1234 (an array task 1234_5, a "
+                          "heterogeneous component 1234+1)")
     proc = _slurm("scontrol", "show", "job", "-o", job_id)
     if proc.returncode == 0 and proc.stdout.strip():
         return dict(item.partition("=")[::2] for item in proc.stdout.split())

@@ -98,6 +98,7 @@ def test_dry_run_is_a_complete_bash_script(tmp_path):
     (("--nodes", "0"), "--nodes = 0: must be 1 or more"),
     (("launcher.gpus_per_worker=1", "--gpus-per-node", "1"), "launcher.num_workers = 2: 1 node(s) x (2 CPUs, 1 GPUs)"),
     (("--gpus-per-node", "many"), "--gpus-per-node = 'many': expected a count or TYPE:COUNT"),
+    (("--gpus-per-node", "a100:2\n"), "--gpus-per-node = 'a100:2\n': expected a count or TYPE:COUNT"),
     (("data.path=/nonexistent.jsonl",), "data.path = '/nonexistent.jsonl': not found"),  # before the job queues
 ])
 def test_bad_flags(args, message, tmp_path):
@@ -105,14 +106,24 @@ def test_bad_flags(args, message, tmp_path):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("setting, value", [("LORASP_RAY_START_TRIES", "0"), ("LORASP_RAY_TIMEOUT", "5m"),
-                                            ("LORASP_RAY_START_TRIES", "3\ntouch /tmp/lorasp-injected")])
-def test_bad_script_setting_is_refused(setting, value, tmp_path):
+WHOLE, PORT, HOST = "a whole number >= 1", "a port from 1024 to 65408", "a host name or IP address"
+TMP = "an absolute path of letters, digits and _ . + -, no part starting with a dot"
+
+
+@pytest.mark.parametrize("setting, value, accepted", [
+    ("LORASP_RAY_START_TRIES", "0", WHOLE), ("LORASP_RAY_TIMEOUT", "5m", WHOLE),
+    ("LORASP_RAY_START_TRIES", "3\ntouch /tmp/lorasp-injected", WHOLE),
+    ("LORASP_RAY_PORT", "x[$(touch /tmp/lorasp-injected)]", PORT),  # bash arithmetic would run it
+    ("LORASP_RAY_PORT", "80", PORT), ("LORASP_RAY_PORT", "65500", PORT),  # its 127 neighbours pass 65535
+    ("LORASP_HEAD_IP", "10.0.0.1;touch /tmp/lorasp-injected", HOST), ("LORASP_DASHBOARD_HOST", "0.0.0.0 --x", HOST),
+    ("LORASP_RAY_TMP", "/home/u/../..", TMP), ("LORASP_RAY_TMP", "tmp/ray", TMP), ("LORASP_RAY_TMP", "/", TMP),
+])
+def test_bad_script_setting_is_refused(setting, value, accepted, tmp_path):
     """The batch script's own settings (environment variables) are checked before it starts anything."""
     env = {**os.environ, "SLURM_JOB_ID": "1", setting: value}
     proc = subprocess.run(["bash", str(REPO / "slurm" / "lorasp.sbatch"), str(tmp_path / "run"), str(TINY)], env=env,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and f"error: {setting} = '{value}': give a whole number >= 1" in proc.stdout, proc
+    assert proc.returncode == 2 and f"error: {setting} = '{value}': give {accepted}" in proc.stdout, proc
     assert list(tmp_path.iterdir()) == [] and not Path("/tmp/lorasp-injected").exists()
 
 
@@ -166,6 +177,25 @@ def test_injected_value_is_refused(field, tmp_path):
 def test_resume_dir_with_shell_characters_is_refused(tmp_path):
     proc = lorasp_here("slurm", "submit", *injection("--resume", tmp_path), "--dry-run")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --resume = ") and not proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("name", ["a+b", ".r1"])
+def test_resume_dir_the_job_would_refuse_is_refused_now(name, tmp_path):
+    """The job passes the directory's name on as train.run_name: a name that rule refuses would fail on the node,
+    after the queue, so it is refused at submit time by the same rule."""
+    (tmp_path / name).mkdir()
+    proc = lorasp_here("slurm", "submit", str(TINY), "--resume", str(tmp_path / name), "--dry-run")
+    assert proc.returncode == 2 and not proc.stdout, proc.stderr
+    assert proc.stderr.startswith(f"error: --resume = '{name}': expected one directory name"), proc.stderr
+
+
+@pytest.mark.parametrize("job_id", ["--clusters=other", "1,2", "12\n"])
+def test_a_job_id_that_is_not_one_is_refused(job_id):
+    """JOBID reaches scontrol's and sacct's command lines, where `--clusters=other` would be an option."""
+    for command in ("status", "logs"):
+        proc = lorasp_here("slurm", command, "--", job_id)
+        assert proc.returncode == 2 and not proc.stdout, proc.stderr
+        assert proc.stderr.startswith(f"error: JOBID = {job_id!r}: expected a SLURM job id"), proc.stderr
 
 
 def test_ordinary_values_pass_unchanged(tmp_path):
