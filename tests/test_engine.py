@@ -171,11 +171,17 @@ def _corrupt(kind: str, step_dir: Path) -> None:
         target.write_bytes(bytes(data))
     elif kind == "truncate":
         target.write_bytes(target.read_bytes()[:-100])
+    elif kind == "manifest-byte":  # one bad byte on disk: no longer UTF-8
+        manifest = step_dir / ckpt.MANIFEST
+        manifest.write_bytes(manifest.read_bytes()[:10] + b"\xff" + manifest.read_bytes()[11:])
+    elif kind == "manifest-shape":  # JSON still, of another shape
+        manifest = step_dir / ckpt.MANIFEST
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "files": ["rank0.safetensors"]}))
     else:
         (step_dir / ckpt.MANIFEST).unlink()
 
 
-@pytest.mark.parametrize("kind", ["flip", "truncate", "manifest"])
+@pytest.mark.parametrize("kind", ["flip", "truncate", "manifest", "manifest-byte", "manifest-shape"])
 def test_corrupted_checkpoint_is_never_loaded(resume_runs, tmp_path, kind):
     whole = resume_runs[0]
     run = tmp_path / "run"
@@ -186,6 +192,14 @@ def test_corrupted_checkpoint_is_never_loaded(resume_runs, tmp_path, kind):
     assert not ok, why
     found = ckpt.newest_valid(run)
     assert (found.newest, found.step, found.corrupt) == (ckpt.step_dir(run, PREVIOUS), PREVIOUS, [(newest, why)])
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    """Past step 999,999 the names outgrow their zero padding: the order is by number, or keep_last would delete the
+    checkpoint just sealed and a resume would go back a million steps. Other directories are not checkpoints."""
+    for name in ("step-000010", "step-999999", "step-1000000", "step-x", "corrupt"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-1000000", "step-999999", "step-000010"]
 
 
 def _truncate_manifest(step_dir: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -136,26 +137,34 @@ def seal(tmp: Path, final: Path, meta: dict) -> None:
 
 
 def verify(ckpt: Path) -> tuple[bool, str]:
-    """(ok, reason). A checkpoint is valid when its manifest parses and every listed file matches size and sha256."""
+    """(ok, reason). A checkpoint is valid when its manifest parses and every listed file matches size and sha256.
+    Whatever a damaged manifest or disk holds (bytes that are not UTF-8, JSON of another shape, a read error) is a
+    reason, never an exception: resuming then falls back to an older checkpoint."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return False, "no manifest.json"
     try:
         meta = json.loads(manifest.read_text())
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return False, f"unreadable manifest ({e})"
-    expected = {"lorasp.safetensors", *(f"rank{r}.safetensors" for r in range(meta.get("world_size", 0)))}
+        int(meta["step"]), int(meta["sample_pos"])  # what resuming reads from it
+        world_size = int(meta["world_size"])
+        expected = {"lorasp.safetensors", *(f"rank{r}.safetensors" for r in range(world_size))}
+        sizes = {name: (int(info["bytes"]), str(info["sha256"])) for name, info in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:  # ValueError: JSON and UTF-8 errors
+        return False, f"unreadable manifest ({type(e).__name__}: {e})"
     if missing := expected - set(files):
         return False, f"manifest lacks {sorted(missing)}"
-    for name, info in files.items():
+    for name, (size, sha256) in sizes.items():
         p = ckpt / name
-        if not p.is_file():
-            return False, f"{name} is missing"
-        if p.stat().st_size != info["bytes"]:
-            return False, f"{name} has {p.stat().st_size} bytes, the manifest says {info['bytes']}"
-        if _sha256(p) != info["sha256"]:
-            return False, f"{name} fails its sha256 checksum"
+        try:
+            if not p.is_file():
+                return False, f"{name} is missing"
+            if p.stat().st_size != size:
+                return False, f"{name} has {p.stat().st_size} bytes, the manifest says {size}"
+            if _sha256(p) != sha256:
+                return False, f"{name} fails its sha256 checksum"
+        except OSError as e:  # a read error is as good as a wrong byte
+            return False, f"{name} cannot be read ({e})"
     return True, "ok"
 
 
@@ -168,7 +177,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+    steps = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)]
+    return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)  # by number: step-1000000 after step-999999
 
 
 class Found(NamedTuple):
