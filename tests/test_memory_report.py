@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorasp_dist.cli import main
-from lorasp_dist.memory.report import GB, GiB, ReportError, error_pct, write_report
+from lorasp_dist.memory.report import GB, GiB, ReportError, error_pct, read_samples, write_report
 from lorasp_dist.memory.tracker import MemoryTracker
 from lorasp_dist.presets import PRESETS
 
@@ -157,6 +157,20 @@ def test_report_from_two_ranks(run_dir):
     assert "![memory_timeline.png](memory_timeline.png)" in md
     shared = report["ranks"]["0"]["host_baseline_shared_bytes"] / GiB
     assert f"rank 0 {report['ranks']['0']['host_baseline_rss_bytes'] / GiB:.2f} GiB ({shared:.2f} of it shared" in md
+
+
+def test_a_restart_after_a_torn_line_keeps_the_report_readable(tmp_path):
+    """A rank killed in the middle of a record leaves part of a line (or a crashed node a tail of NULs). The restart's
+    tracker cuts it before appending: every whole record of both runs is read, the fragment is gone."""
+    run_tracker(tmp_path, 0, alloc_mb=8, world_size=1)
+    path = tmp_path / "memory" / "rank0.jsonl"
+    before = read_lines(path)
+    with open(path, "ab") as f:
+        f.write(b'{"rank": 0, "phase": "forw' + b"\0" * 100)
+    run_tracker(tmp_path, 0, alloc_mb=8, world_size=1)
+    after = read_samples(tmp_path)[0]
+    assert after[: len(before)] == before and len(after) == 2 * len(before)
+    assert [r["phase"] for r in after].count("baseline") == 2 and path.read_bytes().endswith(b"\n")
 
 
 def test_report_compares_the_host_peak_outside_checkpoints(tmp_path):
