@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import psutil
 import torch
@@ -26,6 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, add_baseline_args, append_records, context, new_run_id, nvml_used  # noqa: E402
 
+from lorasp_dist.config import DeepSpeedConfig  # noqa: E402
+
+DS_TEMPLATES = get_args(DeepSpeedConfig.model_fields["config"].annotation)  # deepspeed.config's own choices
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
 
@@ -33,7 +37,7 @@ PEAK_FLOPS, WARMUP, GiB = 790e12, 3, 1024**3
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_baseline_args(p)
-    p.add_argument("--ds-config", default="zero3", help="a template in ds_configs/")
+    p.add_argument("--ds-config", default="zero3", choices=DS_TEMPLATES, help="a template in ds_configs/")
     p.add_argument("--run-id", default=None)
     p.add_argument("--results", default=str(RESULTS))
     a = p.parse_args()

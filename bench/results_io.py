@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,23 @@ def context(run_id: str) -> dict:
 
 def new_run_id(prefix: str) -> str:
     return f"{prefix}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def unused_run_id(given: str | None, prefix: str, results: Path) -> str:
+    """The id a run's files in `results` are named by: --run-id, checked to be one plain file name under which
+    nothing is written yet, or a new one from the time. A result is written once; no run replaces another's."""
+    run_id = given or new_run_id(prefix)
+    if given is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", given):
+        _refuse(f"--run-id = {given!r}: one name of letters, digits, '.', '_' and '-', not starting with '.'")
+    taken = [p for p in (results / f"{run_id}.json", results / f"{run_id}-reports.tar.gz") if p.exists()]
+    if taken:
+        _refuse(f"--run-id = {run_id!r}: {taken[0]} exists, and results are never replaced; choose another id")
+    return run_id
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def append_records(records: list[dict], results: Path = RESULTS) -> Path:

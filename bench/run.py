@@ -26,7 +26,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, append_records, context, new_run_id, write_summary  # noqa: E402
+from results_io import RESULTS, append_records, context, new_run_id, unused_run_id, write_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_FLOPS = 790e12
@@ -165,10 +165,10 @@ def main() -> int:
     else:
         configs = [(a.preset, a.ds_config, a.micro_batch)]
     work, results = Path(a.work), Path(a.results)
-    run_id = a.run_id or new_run_id("lorasp")
+    if a.collect:  # records only, named by their run directories
+        return collect_only(a, context(a.run_id or new_run_id("lorasp")))
+    run_id = unused_run_id(a.run_id, "lorasp", results)
     ctx = context(run_id)
-    if a.collect:
-        return collect_only(a, ctx)
     n = ranks(a.gpus)
     rows, records, reports = [], [], []
     for preset, ds, mbs in configs:

@@ -51,3 +51,29 @@ def test_compare_alternates_gpu_counts_and_reports_ratios(tmp_path):
         assert row["per_gpu_vs_fewest"] == (pytest.approx(expected) if expected else None), (system, n, row)
     table = summary.with_suffix(".md").read_text()
     assert "| system | gpus | micro_batch |" in table and "| fsdp-qlora | 1 | 1 | 0 |" in table
+
+
+@pytest.mark.parametrize("run_id, message", [("../x", "one name of letters, digits"),
+                                             ("taken", "taken.json exists, and results are never replaced")])
+def test_a_run_id_is_one_new_name(run_id, message, tmp_path):
+    """--run-id names files in --results: a path is refused, and so is an id whose results exist (a rerun would
+    replace them), before anything runs or is written."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "taken.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--run-id", run_id, "--configs",
+                           "tiny:zero3:1", "--results", str(results), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and f"error: --run-id = {run_id!r}: " in proc.stderr and message in proc.stderr
+    assert [p.name for p in results.iterdir()] == ["taken.json"] and (results / "taken.json").read_text() == "{}"
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_stock_recipe_takes_only_a_shipped_template(tmp_path):
+    """--ds-config names a template in ds_configs/, never a path to any JSON file."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "baseline_hf.py"), "--base", str(tmp_path),
+                           "--ds-config", "../../tmp/other", "--results", str(tmp_path / "results")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "argument --ds-config: invalid choice: '../../tmp/other' (choose from 'zero3', " \
+        "'zero3_offload_optimizer', 'zero3_offload_all')" in proc.stderr, proc.stderr
+    assert not (tmp_path / "results").exists()
