@@ -348,6 +348,23 @@ def predictions_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".json") + ".predictions.jsonl")
 
 
+def _check_out(out: Path, data: Path) -> None:
+    """--out (and the predictions beside it) may replace an earlier result of this command, never anything else: not
+    the --data it reads, not a file of another kind."""
+    if out.is_dir():
+        raise EvalError(f"--out = '{out}': a directory; give the path of a JSON file to write")
+    for path in (out, predictions_path(out)):
+        if path.exists() and data.exists() and path.samefile(data):
+            raise EvalError(f"--out = '{out}': would write over --data '{data}'; give another path")
+    if out.is_file():
+        try:
+            earlier = json.loads(out.read_text())
+        except (ValueError, OSError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"metric", "value", "n"} <= earlier.keys()):
+            raise EvalError(f"--out = '{out}': exists and is not an earlier `lorasp eval` result; give another path")
+
+
 def run_eval(
     target: str | None,
     data: str,
@@ -365,8 +382,8 @@ def run_eval(
     for flag, value in counts.items():
         if value is not None and value < 1:
             raise EvalError(f"{flag} = {value}: must be a positive integer")
-    if out is not None and Path(out).is_dir():
-        raise EvalError(f"--out = '{out}': a directory; give the path of a JSON file to write")
+    if out is not None:
+        _check_out(Path(out), Path(data))
     records = read_records(data)[:max_examples]
     metric = metric or default_metric(records)
     _check(records, metric)  # before the (slow) model load

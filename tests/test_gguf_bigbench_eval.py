@@ -478,6 +478,13 @@ def test_eval_bad_inputs(tmp_path, capsys, run_dir):
     assert_one_line_error(rc, err, "no config.json")
     rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--out", tmp_path)
     assert_one_line_error(rc, err, f"--out = '{tmp_path}': a directory")
+    # --out replaces an earlier result only: never the data it reads, nor a file of another kind (both untouched)
+    rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--out", gen, "--base", tmp_path)
+    assert_one_line_error(rc, err, f"--out = '{gen}': would write over --data")
+    (tmp_path / "notes.json").write_text('["mine"]')
+    rc, _, err = run_cli(capsys, "eval", run_dir, "--data", gen, "--out", tmp_path / "notes.json", "--base", tmp_path)
+    assert_one_line_error(rc, err, "exists and is not an earlier `lorasp eval` result")
+    assert (tmp_path / "notes.json").read_text() == '["mine"]'
     # multiple_choice (the default when every record has choices) needs answer_index: said before any model loads
     # (the bad --base would fail the load), and in --help
     unanswered = {k: v for k, v in MC_RECORDS[0].items() if k != "answer_index"}
