@@ -251,6 +251,18 @@ class RunConfig(_Section):
     def _env_over_defaults(cls, v):
         return {**DEFAULT_ENV, **v} if isinstance(v, dict) else v
 
+    @field_validator("env")
+    @classmethod
+    def _env_names_and_values(cls, v):
+        # Checked here, not in every rank's os.environ, where a bad one fails each rank (and Ray restarts them).
+        for key, value in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"key {key!r}: expected an environment variable name (letters, digits and _, not "
+                                 "starting with a digit)")
+            if "\0" in value:  # the value itself is not shown: it may be a secret
+                raise ValueError(f"key {key!r}: its value holds a NUL character, which no environment can carry")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.model.preset == "tiny" and self.data.tokenizer is None and self.model.path is None:

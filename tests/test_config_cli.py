@@ -157,6 +157,21 @@ def test_rank_env_sets_expandable_segments_unless_told_otherwise(monkeypatch):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in RunConfig().rank_env()  # the launching shell's too
 
 
+@pytest.mark.parametrize("env, needle", [
+    ("  A=B: x\n", "key 'A=B': expected an environment variable name"),
+    ("  '': x\n", "key '': expected an environment variable name"),
+    ("  HF_TOKEN: \"hf_\\0secret\"\n", "key 'HF_TOKEN': its value holds a NUL character"),
+])
+def test_env_names_and_values_are_checked_before_any_rank(env, needle, tmp_path):
+    """A key no environment takes, or a NUL in a value, is a config error at load time, not a crash in every rank.
+    The value is never echoed: it may be a secret."""
+    path = tmp_path / "c.yaml"
+    path.write_text("env:\n" + env)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith("env = {...}: ") and needle in str(exc.value) and "secret" not in str(exc.value)
+
+
 def test_env_overrides_keep_the_defaults(tmp_path):
     """Setting one `env` variable (a dotted override or the config's own section) keeps NVLink multicast off."""
     cfg = load_config(REPO / "examples" / "tiny.yaml", ["env.WANDB_MODE=offline"])
