@@ -3,6 +3,8 @@ small files whose existence means something (summary.json: the run finished)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -31,13 +33,29 @@ def atomic_dir(out: str | Path, replace: bool = False) -> Iterator[Path]:
         except OSError:
             if not out.is_dir():
                 raise
-            if replace:
+            if replace and not _exchange(tmp, out):  # then tmp holds the old one, removed below
+                # No atomic swap on this system or filesystem: two renames, with `out` missing between them.
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, old / out.name)
                 os.rename(tmp, out)
                 shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux's renameat2 with RENAME_EXCHANGE): a kill leaves either, never
+    neither. False where the C library or the filesystem has no such call."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here: the caller falls back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -587,8 +587,9 @@ class Recipe:
         gc.freeze()
         metrics: dict = {}
         nonfinite: list[int] = []  # the current run of consecutive steps with a NaN/inf loss or gradient norm
-        if self.is_main:
-            (self.run_dir / NONFINITE_FILE).unlink(missing_ok=True)  # from an earlier attempt of this run
+        if self.is_main:  # an earlier attempt's end: this one has neither stopped on NaN nor finished yet
+            for stale in (NONFINITE_FILE, "summary.json"):  # (`lorasp launch` removes them too, before any rank)
+                (self.run_dir / stale).unlink(missing_ok=True)
         with TrainingProgress(t.max_steps, self.step, t.log_every, self.device, enabled=self.is_main) as progress:
             while self.step < t.max_steps:
                 self.profiler.tick(self.step)
