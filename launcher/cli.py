@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lorasp_dist.config import load_config
+from lorasp_dist.config import load_config, redact_override
 from lorasp_dist.inputs import check_inputs
 
 # flag -> the config field it overrides, so flags and config are validated (and reported) the same way
@@ -75,8 +75,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> str:
-    """This command line without --resume/--dry-run/--force: what to run again, plus --resume RUN_DIR."""
-    words = ["lorasp", "launch", args.config, *args.overrides]
+    """This command line without --resume/--dry-run/--force: what to run again, plus --resume RUN_DIR. Printed and
+    logged, so a secret `env` value in it is redacted."""
+    words = ["lorasp", "launch", args.config, *map(redact_override, args.overrides)]
     for key in FLAG_FIELDS:
         if (value := getattr(args, key)) is not None:
             words += [f"--{key.replace('_', '-')}", str(value)]

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasp_dist.config import RUN_NAME, ConfigError, RunConfig, load_config
+from lorasp_dist.config import REDACTED, RUN_NAME, ConfigError, RunConfig, load_config, secret_override
 from lorasp_dist.inputs import check_inputs
 from lorasp_dist.shipped import shipped
 
@@ -201,6 +201,10 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     for name, value in settings.items():
         check_printable(name, value)
     config = check_printable("CONFIG", str(Path(args.config).expanduser().resolve()))
+    for override in args.overrides:
+        if key := secret_override(override):
+            raise ConfigError(f"env.{key} = {REDACTED}: a secret given on the command line would be written into the "
+                              "batch script, which SLURM stores and shows; put it in the config file's env section")
     overrides = [check_printable(override.partition("=")[0], override) for override in args.overrides]
     return Job(run_dir, [str(run_dir), config, *overrides], options, settings)
 

@@ -293,6 +293,17 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.redacted(), sort_keys=False)
 
 
+def secret_override(item: str) -> str | None:
+    """The `env` key of a `env.KEY=VALUE` override whose key looks secret (is_secret), else None."""
+    key = item.partition("=")[0]
+    return key[4:] if key.startswith("env.") and is_secret(key[4:]) else None
+
+
+def redact_override(item: str) -> str:
+    """An override as it may be printed or logged: a secret `env` value replaced by REDACTED."""
+    return f"env.{key}={REDACTED}" if (key := secret_override(item)) else item
+
+
 def is_secret(key: str) -> bool:
     """An `env` key that looks like it names a secret (SECRET_WORD_ENDINGS); TOKENIZERS_PARALLELISM does not."""
     words = re.split(r"[^A-Z0-9]+", key.upper())

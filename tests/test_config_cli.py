@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.cli import FLAG_FIELDS
 from lorasp_dist import cli
 from lorasp_dist.cli import main
 from lorasp_dist.config import ConfigError, RunConfig, load_config, make_lorasp_config
@@ -181,3 +183,13 @@ def test_env_overrides_keep_the_defaults(tmp_path):
     cfg = load_config(path)
     assert cfg.env["NCCL_NVLS_ENABLE"] == "1" and cfg.env["FOO"] == "bar"  # an explicit value wins
     assert cfg.env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and cfg.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_resume_hint_redacts_secrets():
+    """`lorasp launch` prints (and logs to driver.log) its command line as the resume hint: a secret env value is
+    redacted there, as in config.yaml."""
+    from launcher.cli import _command
+
+    args = argparse.Namespace(config="c.yaml", overrides=["env.HF_TOKEN=hf_abc123", "env.WANDB_MODE=offline"],
+                              **{key: None for key in FLAG_FIELDS})
+    assert _command(args) == "lorasp launch c.yaml 'env.HF_TOKEN=<redacted>' env.WANDB_MODE=offline"

@@ -377,3 +377,11 @@ def test_scancel_checkpoints_and_does_not_requeue(slurm, slurm_jobs):
     assert int(exit_code[1]) == EXIT_STOPPED and lost == 0
     assert "requeued" not in log and slurm.job_field(job, "Restarts") == "0"
     assert "Ray cluster stopped" in log
+
+
+def test_a_secret_on_the_command_line_is_refused(tmp_path):
+    """A secret `env` override would be written into the batch script, which SLURM stores: refused, not echoed."""
+    proc = lorasp_here("slurm", "submit", str(TINY), f"train.output_dir={tmp_path}", "env.HF_TOKEN=hf_abc123",
+                       "--dry-run")
+    assert proc.returncode == 2 and not proc.stdout and "hf_abc123" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: env.HF_TOKEN = <redacted>: a secret given on the command line")
