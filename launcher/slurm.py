@@ -204,7 +204,8 @@ def plan_job(cfg: RunConfig, args: argparse.Namespace) -> Job:
     for override in args.overrides:
         if key := secret_override(override):
             raise ConfigError(f"env.{key} = {REDACTED}: a secret given on the command line would be written into the "
-                              "batch script, which SLURM stores and shows; put it in the config file's env section")
+                              "batch script, which SLURM stores and shows; put it in the config file's env section, "
+                              "or in the environment of the shell that submits")
     overrides = [check_printable(override.partition("=")[0], override) for override in args.overrides]
     return Job(run_dir, [str(run_dir), config, *overrides], options, settings)
 
