@@ -51,6 +51,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, context, device_name, new_run_id, write_summary  # noqa: E402
 
+from lorasp_dist.atomic import atomic_write_text, drop_torn_line  # noqa: E402
+
 # Six BIG-bench JSON tasks with >= 500 examples each, two of every kind, all with short prompts (a 256-token row
 # packs several examples). The example counts are printed by the script and written to the results.
 DEFAULT_TASKS = [
@@ -433,6 +435,7 @@ def append_line(path: Path, line: str) -> None:
     """One whole line at the end of `path`, under an exclusive lock: shards append to the same runs.jsonl."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        drop_torn_line(path)  # a shard killed mid-append left part of a line: ours must start a line of its own
         f.write(line + "\n")
 
 
@@ -444,11 +447,19 @@ def read_runs(path: Path, key: str) -> dict[tuple, dict]:
     with open(path) as f:
         fcntl.flock(f, fcntl.LOCK_SH)  # never a line that another shard is halfway through writing
         text = f.read()
-    for line in text.splitlines():
-        if line.strip():
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             r = json.loads(line)
-            if r.get("settings_key") == key:
-                out[run_key(r["task"], r["variant"], r["seed"], r["lr"])] = r
+        except json.JSONDecodeError:
+            if i == len(lines) and not text.endswith("\n"):  # a run killed mid-append: that run is simply not done
+                break
+            raise SystemExit(f"error: {path}:{i}: not a JSON line; runs.jsonl is written a whole line at a time, so "
+                             "this one was edited or damaged: fix or remove it") from None
+        if r.get("settings_key") == key:
+            out[run_key(r["task"], r["variant"], r["seed"], r["lr"])] = r
     return out
 
 
@@ -776,7 +787,7 @@ def write_readme(path: Path, section: str) -> None:
         text += f"\n{README_BEGIN}\n{README_END}\n"
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    path.write_text(f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}")
+    atomic_write_text(path, f"{head}{README_BEGIN}\n{section}\n{README_END}{tail}")  # its hand-written text too
 
 
 def write_results(out: Path, done: dict, tasks: dict, a, settings: dict, planned: int, run_id: str) -> dict:

@@ -1,5 +1,5 @@
-"""Outputs that appear whole or not at all: directories (checkpoints, adapters, tokenizers, imported models) and
-small files whose existence means something (summary.json: the run finished)."""
+"""Outputs that appear whole or not at all: directories (checkpoints, adapters, tokenizers, imported models), small
+files whose existence means something (summary.json: the run finished), and the lines of append-only logs."""
 
 from __future__ import annotations
 
@@ -71,3 +71,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut the part of a line that a process killed mid-write (or a node that crashed) left at the end of `path`, a
+    file of whole lines: the next append would join its first line to the fragment, a line no reader could read."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            chunk = f.read(pos - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                pos = start + newline + 1
+                break
+            pos = start
+        if pos < end:
+            f.truncate(pos)

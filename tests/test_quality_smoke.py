@@ -282,3 +282,20 @@ def test_settings_key_keeps_runs_across_a_wider_grid():
     assert quality.settings_key(quality.settings_of(longer, Path("b"), "fp32")) != key
     nf4 = quality.parse_args(["--smoke", "--base", "b", "--base-4bit"])
     assert quality.settings_key(quality.settings_of(nf4, Path("b"), "fp32")) != key
+
+
+def test_a_torn_last_record_is_a_run_not_done(tmp_path):
+    """A run killed while appending its record leaves part of a line: reading skips it (that run is redone on
+    --resume) and the next append starts a line of its own. A bad line elsewhere was edited or damaged: an error."""
+    quality = load_quality()
+    path = tmp_path / "runs.jsonl"
+    record = {"settings_key": "k", "task": "t", "variant": "lorasp", "seed": 0, "lr": 1e-3}
+    quality.append_line(path, json.dumps(record))
+    with open(path, "a") as f:
+        f.write('{"settings_key": "k", "task": "t", "vari')
+    assert list(quality.read_runs(path, "k")) == [quality.run_key("t", "lorasp", 0, 1e-3)]
+    quality.append_line(path, json.dumps({**record, "seed": 1}))
+    assert len(quality.read_runs(path, "k")) == 2 and len(path.read_text().splitlines()) == 2
+    path.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(SystemExit, match=r"runs.jsonl:2: not a JSON line"):
+        quality.read_runs(path, "k")

@@ -266,7 +266,7 @@ class Recipe:
         gc.enable()
         cfg = self.cfg
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())  # a kill never leaves half of it
         self.barrier()  # rank 0 ran preflight() before joining: the tokenizer and synthetic base exist now
         if prepared is None:
             tokenizer = ensure_tokenizer(cfg)

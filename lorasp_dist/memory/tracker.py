@@ -12,7 +12,6 @@ Cost per phase: two RSS reads, on CUDA one allocator-stats call and two NVML rea
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from lorasp_dist.atomic import drop_torn_line
 
 HISTORY_STEPS = 3  # a snapshot covers steps K, K+1, K+2
 HISTORY_MAX_ENTRIES = 100_000  # allocation events kept by the CUDA recorder
@@ -57,7 +58,7 @@ class MemoryTracker:
     def start(self) -> None:
         """Write the baseline (RSS before the model is loaded, the zero of every RSS delta), start the sampler."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        _drop_torn_line(self.path)
+        drop_torn_line(self.path)  # a killed rank's half record: ours would be joined to it
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a killed rank keeps every finished phase
         self._t0 = time.monotonic()
         if self.cuda:
@@ -210,22 +211,3 @@ def _nvml_used(handle) -> int | None:
 
     return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
-
-def _drop_torn_line(path: Path) -> None:
-    """Cut the part of a record that a rank killed mid-write (or a node that crashed) left at the end of `path`: a
-    restart appending after it would join its first record to the fragment, a line no report could read again."""
-    if not path.is_file():
-        return
-    with open(path, "r+b") as f:
-        end = pos = f.seek(0, os.SEEK_END)
-        while pos > 0:
-            start = max(0, pos - (1 << 16))
-            f.seek(start)
-            chunk = f.read(pos - start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                pos = start + newline + 1
-                break
-            pos = start
-        if pos < end:
-            f.truncate(pos)
