@@ -249,6 +249,9 @@ def resolve_adapter(path: str | Path) -> Path:
     for d in (path, path / "adapter"):
         if (d / "adapter_config.json").is_file():
             return d
+    if (path / "model" / "config.json").is_file():  # lorasp.variant=full writes the whole model, no adapter
+        raise EvalError(f"RUN_DIR|ADAPTER = '{path}': a full fine-tune, with no adapter; score its model with "
+                        f"`lorasp eval --base {path / 'model'}`")
     raise EvalError(f"RUN_DIR|ADAPTER = '{path}': no adapter_config.json in it or in its adapter/ folder")
 
 

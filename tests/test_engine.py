@@ -324,6 +324,31 @@ def test_full_disk_during_a_checkpoint(tmp_path, seed_tiny):
            outcome="ENOSPC while saving: one line, exit 1, the partial save removed, the previous checkpoint intact")
 
 
+def test_a_full_fine_tune_writes_the_whole_model(tmp_path, chat_base, capsys):
+    """lorasp.variant=full trains every weight and has no adapter: the run writes RUN_DIR/model, the gathered model
+    with its tokenizer, never an empty adapter that would load as the untrained base. `lorasp eval RUN_DIR` says
+    where the model is."""
+    from safetensors.torch import load_file
+
+    from lorasp_dist.cli import main
+
+    proc = _train_single(f"model.path={chat_base}", "model.quantize=false", "lorasp.variant=full",
+                         "train.run_name=full", "train.max_steps=2", "train.save_every=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = tmp_path / "full"
+    assert not (run / "adapter").exists() and f"[lorasp] model: {run / 'model'}" in proc.stdout
+    assert json.loads((run / "summary.json").read_text())["model"] == str(run / "model")
+    trained, base = load_file(run / "model" / "model.safetensors"), load_file(chat_base / "model.safetensors")
+    assert trained.keys() == base.keys() and (run / "model" / "tokenizer_config.json").is_file()
+    moved = [k for k in base if not torch.equal(trained[k].float(), base[k].float())]
+    assert any("layers.0.self_attn.q_proj" in k for k in moved), moved
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"prompt": "Hi?", "response": "Hello."}\n')
+    assert main(["eval", str(run), "--data", str(data)]) == 2
+    assert f"a full fine-tune, with no adapter; score its model with `lorasp eval --base {run / 'model'}`" \
+        in capsys.readouterr().err
+
+
 def _train_single(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lorasp_dist", "train", str(TINY), f"train.output_dir={cwd}", "train.eval_every=0",
            *overrides]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from lorasp_dist.atomic import atomic_write_text
+from lorasp_dist.atomic import atomic_dir, atomic_write_text
 from lorasp_dist.config import ConfigError, RunConfig
 from lorasp_dist.ds_config import build_ds_config
 from lorasp_dist.eager import import_eager
@@ -659,17 +659,9 @@ class Recipe:
         raise NonFiniteLoss(message)
 
     def finish(self):
-        from lorasp_dist.lorasp.export import dense_adapter_weights, write_peft_adapter
-
-        with self.gathered_lorasp():
-            weights = dense_adapter_weights(self.model) if self.is_main else None
+        output = self.write_model() if self.cfg.lorasp.variant == "full" else self.write_adapter()
         if self.is_main:
-            # the base trained on (for a preset, its cached synthetic checkpoint) and the tokenizer beside the
-            # adapter: `lorasp eval RUN_DIR` and peft need nothing else
-            base = str(Path(self.base_path).resolve())
-            write_peft_adapter(weights, self.cfg.lorasp, self.run_dir / "adapter", base_model=base,
-                               tokenizer=self.tokenizer)
-            summary = {"run_dir": str(self.run_dir), "adapter": str(self.run_dir / "adapter"), "load_s": self.load_s}
+            summary = {"run_dir": str(self.run_dir), output.name: str(output), "load_s": self.load_s}
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))  # it means "finished"
         self.barrier()
         self.tracker.stop()
@@ -678,8 +670,35 @@ class Recipe:
             from lorasp_dist.memory.report import write_report
 
             paths = write_report(self.run_dir)
-            print(f"[lorasp] adapter: {self.run_dir / 'adapter'}", flush=True)
+            print(f"[lorasp] {output.name}: {output}", flush=True)
             print(f"[lorasp] memory report: {paths[0] if paths else self.run_dir}", flush=True)
+
+    def write_adapter(self) -> Path:
+        """RUN_DIR/adapter: the trained LoRA-SP matrices as a PEFT LoRA adapter, with the base trained on (for a
+        preset, its cached synthetic checkpoint) and the tokenizer: `lorasp eval RUN_DIR` and peft need nothing else."""
+        from lorasp_dist.lorasp.export import dense_adapter_weights, write_peft_adapter
+
+        out = self.run_dir / "adapter"
+        with self.gathered_lorasp():
+            weights = dense_adapter_weights(self.model) if self.is_main else None
+        if self.is_main:
+            write_peft_adapter(weights, self.cfg.lorasp, out, base_model=str(Path(self.base_path).resolve()),
+                               tokenizer=self.tokenizer)
+        return out
+
+    def write_model(self) -> Path:
+        """RUN_DIR/model (lorasp.variant=full: every weight trained, no adapter): the whole model, gathered from
+        ZeRO-3's partitions, as a transformers checkpoint with its tokenizer (`lorasp eval --base RUN_DIR/model`)."""
+        import deepspeed
+
+        out = self.run_dir / "model"
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            if self.is_main:
+                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                with atomic_dir(out, replace=True) as tmp:
+                    self.model.save_pretrained(tmp, state_dict=state)
+                    self.tokenizer.save_pretrained(tmp)
+        return out
 
     def close(self):
         self.profiler.close()

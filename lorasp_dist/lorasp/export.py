@@ -42,7 +42,9 @@ def peft_adapter_config(cfg, base_model_name_or_path: str | None = None) -> dict
 def write_peft_adapter(weights: dict[str, torch.Tensor], cfg, path: str | Path, base_model: str | None = None,
                        tokenizer=None) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (+ the tokenizer's files, given one) atomically (temp
-    dir, then rename)."""
+    dir, then rename). An adapter with no weights would load as the bare base, so it is never written."""
+    if not weights:
+        raise ValueError("write_peft_adapter: no LoRA weights to write (a model without LoRA-SP layers)")
     config = peft_adapter_config(cfg, base_model)
     config["peft_type"] = "LORA"
     config["target_modules"] = sorted(cfg.target_modules)
