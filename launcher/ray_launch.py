@@ -82,12 +82,18 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
             raise ConfigError(_taken(storage / name))
     data = cfg.model_dump(mode="json")
     # Ray Train starts workers in its own working directory: every relative path is the driver's, made absolute.
-    for section, key in (("model", "path"), ("data", "path"), ("data", "tokenizer")):
+    paths = [("model", "path"), ("data", "path"), ("data", "tokenizer")]
+    if cfg.train.resume not in ("auto", "never"):  # a checkpoint to warm-start from
+        paths.append(("train", "resume"))
+    for section, key in paths:
         if data[section][key] is not None:
             data[section][key] = str(Path(data[section][key]).expanduser().resolve())
     # A new run directory is empty: train.resume (auto) finds nothing, or warm-starts from an explicit path. Once the
     # run has checkpoints, every (re)start resumes from its newest (launcher/worker.py).
-    data["train"].update(output_dir=str(storage), run_name=name, resume="auto" if resume else cfg.train.resume)
+    # --resume continues the run's own checkpoints; before its first one, it keeps the warm start it began from.
+    warm_start = resume is not None and found.newest is None and cfg.train.resume not in ("auto", "never")
+    data["train"].update(output_dir=str(storage), run_name=name,
+                         resume="auto" if resume is not None and not warm_start else data["train"]["resume"])
     data["launcher"]["storage_path"] = str(storage)
     address = cfg.launcher.address or "a new local Ray instance on this host"
     return LaunchPlan(validate(data), storage, name, address)

@@ -709,3 +709,26 @@ def test_two_nodes_refuse_unshared_storage(ray_env, tmp_path):
             stop_pids([node.pid])
             node.wait(timeout=10)
         head.stop()
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_warm_start(tmp_path, monkeypatch):
+    """A run that began from train.resume=CHECKPOINT and is resumed (--resume, a requeue) before its own first
+    checkpoint must start from that checkpoint again, not from the bare base; once it has its own, from those. The
+    path reaches the workers absolute: Ray Train runs them in another directory."""
+    from launcher.ray_launch import make_plan
+    from lorasp_dist.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    cfg = load_config(TINY, ["train.resume=warm/step-000004"])
+    warm = str(tmp_path / "warm" / "step-000004")
+    assert make_plan(cfg, resume=run).cfg.train.resume == warm
+    assert make_plan(load_config(TINY), resume=run).cfg.train.resume == "auto"
+    tmp = ckpt.tmp_dir(run, 2)  # the run's own first checkpoint (the tiny config has 2 workers)
+    tmp.mkdir(parents=True)
+    for name in ("lorasp.safetensors", "rank0.safetensors", "rank1.safetensors"):
+        (tmp / name).write_bytes(b"x")
+    ckpt.seal(tmp, ckpt.step_dir(run, 2), {"step": 2, "sample_pos": 4, "world_size": 2})
+    assert make_plan(cfg, resume=run).cfg.train.resume == "auto"
