@@ -253,9 +253,12 @@ def _run(plan: LaunchPlan, command: str, stop: StopRelay) -> int:
             print(f"[lorasp] training failed ({lc.max_failures} restarts allowed): {e}", file=sys.stderr)
             print(f"[lorasp] logs of every rank: {run_dir / 'logs'}", file=sys.stderr, flush=True)
             return EXIT_FAILED
+        finally:  # a stop asked of this launch and never taken up (an abort, a failure, the last step) is spent
+            stop.disarm()
         if summary.is_file():
+            output = "model" if "model" in json.loads(summary.read_text()) else "adapter"  # variant=full: model
             print(f"[lorasp] run dir: {run_dir}")
-            print(f"[lorasp] adapter: {run_dir / 'adapter'}")
+            print(f"[lorasp] {output}: {run_dir / output}")
             print(f"[lorasp] memory report: {run_dir / 'memory_report.md'}", flush=True)
             return EXIT_OK
         if nonfinite.is_file():  # the ranks returned on purpose: not a failure for Ray to retry

@@ -39,6 +39,13 @@ class StopRelay:
         if self.signal_name is not None:  # the request came while we were starting: deliver it now
             stop_file.touch()
 
+    def disarm(self) -> None:
+        """The run is over, however it ended: a request it never took up is withdrawn, and a later signal touches no
+        file, so no later run of the directory finds a stale STOP."""
+        stop_file, self.stop_file = self.stop_file, None
+        if stop_file is not None:
+            stop_file.unlink(missing_ok=True)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is None:

@@ -732,3 +732,20 @@ def test_resume_before_the_first_checkpoint_keeps_the_warm_start(tmp_path, monke
         (tmp / name).write_bytes(b"x")
     ckpt.seal(tmp, ckpt.step_dir(run, 2), {"step": 2, "sample_pos": 4, "world_size": 2})
     assert make_plan(cfg, resume=run).cfg.train.resume == "auto"
+
+
+def test_a_stop_never_taken_up_is_withdrawn(tmp_path):
+    """The launcher turns a stop signal into RUN_DIR/STOP for the ranks. When the run ends without taking it up
+    (an abort, a failure, a signal after the last step), the request is withdrawn and later signals write nothing:
+    a stale STOP would stop the next `lorasp train` of the directory after one step."""
+    from launcher.signals import StopRelay
+
+    stop_file = tmp_path / "STOP"
+    with StopRelay() as relay:
+        relay.arm(stop_file)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop_file.exists() and relay.signal_name == "SIGUSR1"
+        relay.disarm()
+        assert not stop_file.exists()
+        os.kill(os.getpid(), signal.SIGTERM)  # "already stopping": handled, and no file
+        assert not stop_file.exists()
