@@ -136,6 +136,12 @@ def _read_files(data: DataConfig, files: list[Path], fmt: str) -> dict[str, list
     return {name: table[getattr(data, field)] for name, field in fields.items()}
 
 
+def field_text(value) -> str:
+    """A record's field as training renders it, and `lorasp eval` too: leading and trailing newlines dropped (a
+    jsonl exported line by line often ends each field with one, which the template would otherwise score)."""
+    return str(value).strip("\n")
+
+
 def load_records(data: DataConfig) -> dict[str, list[str]]:
     """The records of `data`, by column: `text` (text mode) or `prompt` and `response` (instruction mode).
 
@@ -145,7 +151,7 @@ def load_records(data: DataConfig) -> dict[str, list[str]]:
     files, fmt = data_files(data)
     table = _builtin_records(data.mode) if data.path is None else _read_files(data, files, fmt)
     keep = [i for i, row in enumerate(zip(*table.values())) if all(v is not None and str(v).strip() for v in row)]
-    table = {name: [str(values[i]).strip("\n") for i in keep] for name, values in table.items()}
+    table = {name: [field_text(values[i]) for i in keep] for name, values in table.items()}
     if not keep:
         raise DataError(f"data.path = {str(data.path)!r}: the dataset is empty")
     return table

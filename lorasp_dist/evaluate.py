@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from lorasp_dist.atomic import atomic_write_text
 from lorasp_dist.config import ConfigError, ModelConfig, RunConfig, TrainConfig, load_config
-from lorasp_dist.data import Template, load_tokenizer
+from lorasp_dist.data import Template, field_text, load_tokenizer
 
 METRICS = ("exact_match", "multiple_choice", "loss")
 
@@ -53,7 +53,7 @@ def read_records(path: str | Path) -> list[dict]:
             raise EvalError(f"'{path}' line {n}: malformed JSON: {e.msg}") from None
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "response")):
             raise EvalError(f"'{path}' line {n}: expected an object with string `prompt` and `response`")
-        records.append(r)
+        records.append({**r, "prompt": field_text(r["prompt"]), "response": field_text(r["response"])})
     if not records:
         raise EvalError(f"--data = '{path}': no records")
     return records

@@ -20,8 +20,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from lorasp_dist.bigbench import FORMAT_DEFAULTS
 from lorasp_dist.cli import main
-from lorasp_dist.config import ModelConfig, RunConfig, load_config
-from lorasp_dist.data import PROMPT_TEMPLATE
+from lorasp_dist.config import DataConfig, ModelConfig, RunConfig, load_config
+from lorasp_dist.data import PROMPT_TEMPLATE, load_records
 from lorasp_dist.evaluate import evaluate, normalize, read_records
 from lorasp_dist.lorasp import LoRASPConfig, apply_lorasp, export_peft_adapter, lorasp_layers
 from lorasp_dist.memory.estimate import plan_for_config
@@ -541,3 +541,13 @@ def test_eval_truncated_adapter_from_the_shell(tmp_path, run_dir):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
     assert "adapter_model.safetensors" in proc.stderr
+
+
+def test_eval_reads_each_field_as_training_does(tmp_path):
+    """A jsonl whose fields end in a newline renders the same tokens at eval as in training (the newline is not
+    scored in one and dropped in the other)."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Capital of France?\n", "response": "Paris\n"}])
+    (record,) = read_records(path)
+    trained = load_records(DataConfig(mode="instruction", path=path))
+    assert (record["prompt"], record["response"]) == (trained["prompt"][0], trained["response"][0])
+    assert record["response"] == "Paris"
