@@ -168,14 +168,19 @@ def _documents(records: dict[str, list], mode: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------- template
 
 
+ANSWER = "LORASPANSWER7F3A"  # a stand-in response (plain letters: templates may trim or escape others)
+
+
 class Template:
     """How an instruction example becomes tokens, for training and for `lorasp eval` alike.
 
     chat (the tokenizer has a chat template, or data.template = chat): the template renders a user turn holding the
     prompt, then the assistant's turn holding the response, with the model's own special tokens; the prompt is the
     render of the user turn with the generation prompt (`apply_chat_template(..., add_generation_prompt=True)`), the
-    answer is the rest (the response and the template's end of turn). plain: `bos + PROMPT_TEMPLATE(prompt)` is the
-    prompt and `response + eos` the answer. Only the answer is scored.
+    answer is the rest (the response and the template's end of turn). What the template writes in the assistant's
+    turn before any response (Qwen3's empty `<think>` block) belongs to the prompt: given, never scored or generated.
+    plain: `bos + PROMPT_TEMPLATE(prompt)` is the prompt and `response + eos` the answer. Only the answer is scored.
+    `stop_ids`: where generation ends, eos and the chat template's end of turn (`<|im_end|>`, `<|eot_id|>`).
     """
 
     def __init__(self, tokenizer, kind: str = "auto"):
@@ -187,12 +192,26 @@ class Template:
         # A chat template writes the model's special tokens itself; the plain template is framed by bos and eos.
         self.bos = [] if self.chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         self.eos = [] if self.chat or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self.preamble, end_of_turn = self._frame() if self.chat else ("", "")
+        end = _encode(tokenizer, [end_of_turn])[0][:1] if end_of_turn else []
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.stop_ids = sorted({tokenizer.eos_token_id, *(i for i in end if i in special)} - {None})
+
+    def _frame(self) -> tuple[str, str]:
+        """What the chat template writes in the assistant's turn before a response, and after it."""
+        turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER}]
+        whole = self.tok.apply_chat_template(turns, tokenize=False)
+        head = self.tok.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+        at = whole.find(ANSWER)
+        if not whole.startswith(head) or at < len(head):
+            return "", ""  # text() says what is wrong with such a template
+        return whole[len(head):at], whole[at + len(ANSWER):]
 
     def prompt_text(self, prompt: str) -> str:
         if not self.chat:
             return PROMPT_TEMPLATE.format(prompt=prompt)
         user = [{"role": "user", "content": prompt}]
-        return self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        return self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) + self.preamble
 
     def text(self, prompt: str, response: str) -> str:
         """The whole example as text (without the plain template's bos and eos, which are ids)."""

@@ -179,7 +179,7 @@ def generate(model, template: Template, records: list[dict], max_new_tokens: int
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=template.stop_ids or None,  # eos and the chat template's end of turn
         )[:, width:]
         texts += tok.batch_decode(new, skip_special_tokens=True)
     return texts

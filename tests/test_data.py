@@ -27,6 +27,7 @@ from lorasp_dist.data import (
     ensure_tokenizer,
     global_order,
     load_records,
+    load_tokenizer,
     micro_batch_indices,
     scored_tokens,
     train_tokenizer,
@@ -417,3 +418,29 @@ def test_step_loss_is_the_mean_over_scored_tokens(tmp_path, tok_dir, seed_tiny):
     assert logged["loss"] == pytest.approx(expected, rel=2e-3)
     assert logged["scored_tokens"] == sum(counts)
     assert logged["scored_tokens_per_s"] < logged["tokens_per_s"]
+
+
+QWEN3_LIKE = (  # Qwen3's shape: an empty think block opens every assistant turn it renders, not the generation prompt
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n"
+    "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+def test_a_chat_templates_answer_preamble_is_prompt_and_its_end_of_turn_stops_generation(chat_base):
+    """What the template writes in the assistant's turn before the response is given with the prompt, never scored
+    (a model taught to emit it would answer `<think>` first, and exact match would fail on every record); generation
+    stops at the template's end of turn as well as at eos."""
+    tok = load_tokenizer(chat_base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3_LIKE
+    form = Template(tok)
+    prompt = form.prompt_text("Capital of France?")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert form.text("Capital of France?", "Paris")[len(prompt):] == "Paris<|im_end|>\n"
+    (ids, n_prompt), = form.encode(["Capital of France?"], ["Paris"])
+    assert ids[:n_prompt] == form.prompts(["Capital of France?"])[0]
+    assert form.stop_ids == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    plain_chat = load_tokenizer(chat_base)  # the suite's template: nothing before the answer, eos ends the turn
+    assert Template(plain_chat).preamble == "" and Template(plain_chat).stop_ids == [plain_chat.eos_token_id]
