@@ -46,8 +46,10 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return {**env, **{k: v for k, v in cfg.rank_env().items() if not is_secret(k)}}
 
 
-def connect(cfg: RunConfig) -> None:
-    """Start a local Ray instance (no address) or join the cluster at `launcher.address` (auto or HOST:PORT)."""
+def connect(cfg: RunConfig, release: Callable[[], None] = lambda: None) -> None:
+    """Start a local Ray instance (no address) or join the cluster at `launcher.address` (auto or HOST:PORT).
+    `release`: what the caller holds (the run directory's lock), let go of if no cluster answers in time, since that
+    ends the process at once."""
     lc = cfg.launcher
     runtime_env = {"env_vars": worker_env(cfg)}
     if lc.address is None:
@@ -93,7 +95,8 @@ def connect(cfg: RunConfig) -> None:
     with _deadline(CONNECT_TIMEOUT_S, f"launcher.address = '{lc.address}': no answer from a Ray cluster within "
                    f"{CONNECT_TIMEOUT_S} s (a port that is not Ray's GCS, a token that does not match{hint})",
                    # getattr: should a Ray release rename this private field, the bound stays as it was
-                   answered=lambda: getattr(ray._private.worker, "_global_node", None) is not None):
+                   answered=lambda: getattr(ray._private.worker, "_global_node", None) is not None,
+                   release=release):
         try:
             ray.init(address=lc.address, runtime_env=runtime_env, log_to_driver=True)
         except ConnectionError as e:
@@ -112,13 +115,15 @@ class _deadline:
     ray.init blocks in C++, where neither an exception nor a Python signal handler reaches it, so a watchdog thread
     is the only bound there is."""
 
-    def __init__(self, seconds: float, message: str, answered: Callable[[], bool]):
-        self.seconds, self.message, self.answered = seconds, message, answered
+    def __init__(self, seconds: float, message: str, answered: Callable[[], bool],
+                 release: Callable[[], None] = lambda: None):
+        self.seconds, self.message, self.answered, self.release = seconds, message, answered, release
         self._done = threading.Event()
 
     def _watch(self) -> None:
         if not self._done.wait(self.seconds) and not self.answered():
             os.write(2, f"error: {self.message}\n".encode())
+            self.release()  # os._exit skips every `with` and `finally`: a lock would stay behind
             os._exit(2)
 
     def __enter__(self) -> None:

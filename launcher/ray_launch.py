@@ -177,7 +177,7 @@ def launch(cfg: RunConfig, resume: Path | None = None, dry: bool = False, force:
     with ExitStack() as held, StopRelay() as stop:  # a stop request while we start up is delivered once we run
         if resume is not None:
             held.enter_context(RunLock(plan.run_dir))
-        connect(plan.cfg)
+        connect(plan.cfg, release=held.close)
         stop.install()
         try:
             check_resources(plan.cfg)

@@ -658,6 +658,19 @@ def test_connect_deadline_bounds_only_the_wait_for_an_answer():
     assert proc.stderr.strip().endswith("error: no answer")
 
 
+def test_a_launch_no_cluster_answers_leaves_its_run_unlocked(tmp_path):
+    """`lorasp launch --resume` locks the run before joining the cluster; the watchdog's exit skips every `with`, so
+    it lets the lock go first, or every later start of the run (a requeue on another host) would find it taken."""
+    code = ("import sys, time\nfrom contextlib import ExitStack\nfrom pathlib import Path\n"
+            "from launcher.cluster import _deadline\nfrom lorasp_dist.engine.run_dir import RunLock\n"
+            "held = ExitStack()\nheld.enter_context(RunLock(Path(sys.argv[1])))\n"
+            "with _deadline(0.3, 'no answer', answered=lambda: False, release=held.close):\n    time.sleep(1.5)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: no answer"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_starts_nothing(ray_env, tmp_path):
     proc = launch(ray_env, "--dry-run", f"train.output_dir={tmp_path}", "train.run_name=dry", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
