@@ -54,6 +54,10 @@ def test_release_keeps_a_lock_that_is_not_ours(tmp_path):
 
 def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
+    plant_lock(tmp_path, host="busy-node", pid=4242, slurm_job="77", slurm_restart=0)  # a live run of the allocation
+    with pytest.raises(ConfigError, match=r"is in use by pid 4242 on busy-node \(SLURM job 77\)"):
+        RunLock(tmp_path).__enter__()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the next start of the job
     plant_lock(tmp_path, host="node-that-died", pid=4242, slurm_job="77")  # the job's earlier start, on another node
     with RunLock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()

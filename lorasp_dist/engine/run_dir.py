@@ -58,6 +58,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                       "slurm_restart": _restarts(os.environ.get("SLURM_RESTART_COUNT")),
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
 
     def __enter__(self) -> RunLock:
@@ -84,10 +85,22 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     def _requeued_from(self, holder: dict) -> bool:
+        """The holder is an earlier start of this SLURM job: on this host and gone, or on another host and of an
+        earlier restart (SLURM counts them). A live run elsewhere in the same allocation keeps its lock."""
         job = self.record["slurm_job"]
         if job is None or holder.get("slurm_job") != job:
             return False
-        return holder.get("host") != self.record["host"] or not _alive(holder.get("pid"))
+        if holder.get("host") == self.record["host"]:
+            return not _alive(holder.get("pid"))
+        return _restarts(holder.get("slurm_restart")) < self.record["slurm_restart"]
+
+
+def _restarts(value) -> int:
+    """SLURM_RESTART_COUNT as a number: 0 for a first start, or a lock written before the count was kept."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _read(path: Path) -> dict:
