@@ -168,6 +168,7 @@ def _documents(records: dict[str, list], mode: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------- template
 
 
+TEMPLATE_DATE = "26 Jul 2024"  # the date Llama 3.x's own template falls back to
 ANSWER = "LORASPANSWER7F3A"  # a stand-in response (plain letters: templates may trim or escape others)
 
 
@@ -200,25 +201,30 @@ class Template:
     def _frame(self) -> tuple[str, str]:
         """What the chat template writes in the assistant's turn before a response, and after it."""
         turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER}]
-        whole = self.tok.apply_chat_template(turns, tokenize=False)
-        head = self.tok.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+        whole, head = self._render(turns), self._render(turns[:1], generation_prompt=True)
         at = whole.find(ANSWER)
         if not whole.startswith(head) or at < len(head):
             return "", ""  # text() says what is wrong with such a template
         return whole[len(head):at], whole[at + len(ANSWER):]
 
+    def _render(self, turns: list[dict], generation_prompt: bool = False) -> str:
+        # A fixed date for templates that write today's into the system turn (Llama 3.x, through strftime_now):
+        # otherwise training and `lorasp eval` on another day would see other prompts.
+        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt,
+                                            date_string=TEMPLATE_DATE)
+
     def prompt_text(self, prompt: str) -> str:
         if not self.chat:
             return PROMPT_TEMPLATE.format(prompt=prompt)
         user = [{"role": "user", "content": prompt}]
-        return self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) + self.preamble
+        return self._render(user, generation_prompt=True) + self.preamble
 
     def text(self, prompt: str, response: str) -> str:
         """The whole example as text (without the plain template's bos and eos, which are ids)."""
         if not self.chat:
             return PROMPT_TEMPLATE.format(prompt=prompt) + response
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text = self.tok.apply_chat_template(turns, tokenize=False)
+        text = self._render(turns)
         if not text.startswith(self.prompt_text(prompt)):
             raise DataError("data.template = 'chat': the tokenizer's chat template does not render the prompt as the "
                             "start of the conversation; use data.template=plain")

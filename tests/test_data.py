@@ -444,3 +444,12 @@ def test_a_chat_templates_answer_preamble_is_prompt_and_its_end_of_turn_stops_ge
     assert form.stop_ids == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
     plain_chat = load_tokenizer(chat_base)  # the suite's template: nothing before the answer, eos ends the turn
     assert Template(plain_chat).preamble == "" and Template(plain_chat).stop_ids == [plain_chat.eos_token_id]
+
+
+def test_a_template_that_writes_todays_date_renders_the_same_every_day(chat_base):
+    """Llama 3.x's template writes today's date into its system turn (strftime_now) unless given one: training and a
+    later `lorasp eval` would render other prompts. The template is given a fixed date."""
+    tok = load_tokenizer(chat_base)
+    tok.chat_template = ("{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+                         "{% endif %}<s>system\nToday: {{ date_string }}</s>\n" + tok.chat_template)
+    assert "Today: 26 Jul 2024" in Template(tok).prompt_text("Hi?")
