@@ -8,11 +8,12 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from lorasp_dist.config import RUN_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +78,7 @@ def unused_run_id(given: str | None, prefix: str, results: Path) -> str:
     """The id a run's files in `results` are named by: --run-id, checked to be one plain file name under which
     nothing is written yet, or a new one from the time. A result is written once; no run replaces another's."""
     run_id = given or new_run_id(prefix)
-    if given is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", given):
+    if given is not None and not RUN_NAME.fullmatch(given):  # the rule of a run directory's name
         _refuse(f"--run-id = {given!r}: one name of letters, digits, '.', '_' and '-', not starting with '.'")
     taken = [p for p in (results / f"{run_id}.json", results / f"{run_id}-reports.tar.gz") if p.exists()]
     if taken:

@@ -82,8 +82,9 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
             raise ConfigError(_taken(storage / name))
     data = cfg.model_dump(mode="json")
     # Ray Train starts workers in its own working directory: every relative path is the driver's, made absolute.
+    warm_start = cfg.train.resume not in ("auto", "never")  # a checkpoint to start from
     paths = [("model", "path"), ("data", "path"), ("data", "tokenizer")]
-    if cfg.train.resume not in ("auto", "never"):  # a checkpoint to warm-start from
+    if warm_start:
         paths.append(("train", "resume"))
     for section, key in paths:
         if data[section][key] is not None:
@@ -91,9 +92,8 @@ def make_plan(cfg: RunConfig, resume: Path | None = None) -> LaunchPlan:
     # A new run directory is empty: train.resume (auto) finds nothing, or warm-starts from an explicit path. Once the
     # run has checkpoints, every (re)start resumes from its newest (launcher/worker.py).
     # --resume continues the run's own checkpoints; before its first one, it keeps the warm start it began from.
-    warm_start = resume is not None and found.newest is None and cfg.train.resume not in ("auto", "never")
-    data["train"].update(output_dir=str(storage), run_name=name,
-                         resume="auto" if resume is not None and not warm_start else data["train"]["resume"])
+    own = resume is not None and not (warm_start and found.newest is None)
+    data["train"].update(output_dir=str(storage), run_name=name, resume="auto" if own else data["train"]["resume"])
     data["launcher"]["storage_path"] = str(storage)
     address = cfg.launcher.address or "a new local Ray instance on this host"
     return LaunchPlan(validate(data), storage, name, address)

@@ -210,4 +210,3 @@ def _nvml_used(handle) -> int | None:
     import pynvml
 
     return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-
